@@ -1,0 +1,1 @@
+"""modulate_flows."""
