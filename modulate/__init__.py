@@ -1,1 +1,88 @@
-"""modulate."""
+"""Async clients for Modulate's Velma-2 model APIs and Platform API, with error classification.
+
+Knows nothing of Prefect, S3 or Parquet. See `errors` for the taxonomy and `limits` for the
+retry policy and quota breaker.
+"""
+
+from __future__ import annotations
+
+from .batch import BatchClient, CustomTerm, RedactionOptions, STTOptions, wav_duration_ms
+from .errors import (
+    AuthError,
+    BadInput,
+    ConcurrencyLimited,
+    ModelNotEnabled,
+    ModulateError,
+    MonthlyLimitReached,
+    Transient,
+    classify,
+    redact_url,
+)
+from .limits import GiveUp, QuotaBreaker, Retry, RetryPolicy, RetryRecord, decide, parse_retry_after
+from .models import (
+    Done,
+    FrameEvent,
+    JobFile,
+    JobStatus,
+    PartialUtterance,
+    RealtimeSession,
+    RedactedAudioWindow,
+    Redaction,
+    RedactionMetadata,
+    StreamEvent,
+    Submission,
+    SVDFrame,
+    SVDResult,
+    Transcript,
+    Utterance,
+    UtteranceEvent,
+    VFastTranscript,
+)
+from .platform import PlatformClient, PlatformFlags
+from .streaming import RAW_AUDIO_FORMATS, StreamingClient, StreamParams
+
+__all__ = [
+    "RAW_AUDIO_FORMATS",
+    "AuthError",
+    "BadInput",
+    "BatchClient",
+    "ConcurrencyLimited",
+    "CustomTerm",
+    "Done",
+    "FrameEvent",
+    "GiveUp",
+    "JobFile",
+    "JobStatus",
+    "ModelNotEnabled",
+    "ModulateError",
+    "MonthlyLimitReached",
+    "PartialUtterance",
+    "PlatformClient",
+    "PlatformFlags",
+    "QuotaBreaker",
+    "RealtimeSession",
+    "RedactedAudioWindow",
+    "Redaction",
+    "RedactionMetadata",
+    "RedactionOptions",
+    "Retry",
+    "RetryPolicy",
+    "RetryRecord",
+    "STTOptions",
+    "SVDFrame",
+    "SVDResult",
+    "StreamEvent",
+    "StreamParams",
+    "StreamingClient",
+    "Submission",
+    "Transcript",
+    "Transient",
+    "Utterance",
+    "UtteranceEvent",
+    "VFastTranscript",
+    "classify",
+    "decide",
+    "parse_retry_after",
+    "redact_url",
+    "wav_duration_ms",
+]

@@ -1,0 +1,73 @@
+"""The organisation's limits per model, declared once and synced into Prefect concurrency limits."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from prefect.client.orchestration import get_client
+from pydantic import BaseModel, Field
+
+from tasks.slots import limit_name
+
+__all__ = ["ModelLimit", "OrgLimits"]
+
+
+class ModelLimit(BaseModel):
+    """One model's limits for the organisation, as Modulate set them."""
+
+    concurrent: int = Field(
+        default=5, ge=1, description="Requests or streams that may be in flight at once."
+    )
+    monthly_audio_hours: float = Field(
+        default=1000.0, gt=0, description="Audio hours the organisation may process per month."
+    )
+
+
+class OrgLimits(Block):
+    """An organisation's per-model limits on Modulate's APIs.
+
+    `sync()` writes them into Prefect global concurrency limits named
+    `modulate:<organization>:<model>`, which every run on every worker holds.
+
+    Example:
+        ```python
+        from blocks import OrgLimits
+
+        limits = OrgLimits.load("BLOCK_NAME")
+        await limits.sync()
+        ```
+    """
+
+    _block_type_name = "Modulate Org Limits"
+    _block_type_slug = "modulate-org-limits"
+    _documentation_url = "https://docs.modulate.ai/guides/authentication"
+
+    organization: str = Field(
+        default=...,
+        description="A short name for the organisation; it names the Prefect limits.",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
+    models: dict[str, ModelLimit] = Field(
+        default_factory=dict,
+        description=(
+            "Limits per model: stt, vfast, svd, pii, stt-streaming, svd-streaming, "
+            "pii-streaming, platform. A model left out gets the default limits."
+        ),
+    )
+
+    def for_model(self, model: str) -> ModelLimit:
+        """The limits of one model (the defaults where none were declared)."""
+        return self.models.get(model, ModelLimit())
+
+    def limit_name(self, model: str) -> str:
+        """The Prefect concurrency limit that holds this model's concurrent limit."""
+        return limit_name(self.organization, model)
+
+    async def sync(self) -> dict[str, int]:
+        """Create or update one Prefect concurrency limit per declared model."""
+        synced: dict[str, int] = {}
+        async with get_client() as client:
+            for model, limit in sorted(self.models.items()):
+                name = self.limit_name(model)
+                await client.upsert_global_concurrency_limit_by_name(name, limit.concurrent)
+                synced[name] = limit.concurrent
+        return synced

@@ -1,0 +1,278 @@
+"""Send a chunk of S3 files to a batch model within the org's limits, and write its rows.
+
+A chunk is one Prefect task with many files inside, called concurrently; every call
+waits for a slot of the run's `SlotPool`, and every failure is classified before
+`decide()` says whether to wait or give up (DESIGN.md sections 2 and 3). Per-file
+outcomes go to the `files` ledger, never to the task graph.
+
+While the quota breaker is suspect, only one call at a time probes the service; once
+it is open, every file not yet sent is recorded `deferred_quota` without a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from modulate import (
+    AuthError,
+    BadInput,
+    BatchClient,
+    ConcurrencyLimited,
+    ModulateError,
+    MonthlyLimitReached,
+    QuotaBreaker,
+    RetryPolicy,
+    decide,
+)
+from modulate.limits import GiveUp
+from tasks import output
+from tasks.jobs import BatchJob, Rows
+from tasks.output import OutputLocation
+from tasks.s3 import AudioObject, read_object
+from tasks.slots import SlotPool
+
+__all__ = ["FileOutcome", "RunContext", "RunStopped", "process_chunk"]
+
+COMPLETED, FAILED, DEFERRED, SKIPPED = "completed", "failed", "deferred_quota", "skipped"
+
+
+class RunStopped(Exception):
+    """A failure no other file can get past (bad key, model not enabled): the run stops."""
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What became of one file, for counters; its row is already in the chunk's fragment."""
+
+    status: str
+    error_class: str | None
+    audio_duration_ms: int | None
+
+
+class RunContext:
+    """Everything the chunks of one run share, living in the flow's event loop.
+
+    Not a dataclass on purpose: Prefect walks dataclass parameters of a task, and this
+    holds live clients.
+    """
+
+    def __init__(
+        self,
+        *,
+        job: BatchJob,
+        config_hash: str,
+        client: BatchClient,
+        pool: SlotPool,
+        breaker: QuotaBreaker,
+        policy: RetryPolicy,
+        s3_client: Any,
+        location: OutputLocation,
+        flow_run_id: str,
+    ) -> None:
+        self.job = job
+        self.config_hash = config_hash
+        self.client = client
+        self.pool = pool
+        self.breaker = breaker
+        self.policy = policy
+        self.s3_client = s3_client
+        self.location = location
+        self.flow_run_id = flow_run_id
+        self.rng = random.Random()
+        self.statuses: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.calls = 0
+        self.audio_ms = 0
+        self.touched: set[tuple[str, str]] = set()  # (table, date) written this run
+        self._probe = asyncio.Condition()
+        self._probing = False
+
+    async def call_slot(self) -> bool:
+        """Wait until this file may call; False when the breaker opened meanwhile.
+
+        Returns with `self._probing` set when the call is a probe of a suspect breaker.
+        """
+        async with self._probe:
+            await self._probe.wait_for(
+                lambda: self.breaker.open or not self.breaker.suspect or not self._probing
+            )
+            if self.breaker.open:
+                return False
+            if self.breaker.suspect:
+                self._probing = True
+            return True
+
+    async def call_done(self) -> None:
+        async with self._probe:
+            self._probing = False
+            self._probe.notify_all()
+
+
+@task(
+    name="process-chunk",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_condition_fn=lambda task, run, state: not isinstance(
+        state.result(raise_on_failure=False), RunStopped | ModulateError
+    ),
+)
+async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[FileOutcome]:
+    """Call the model for every file of the chunk and write the chunk's rows.
+
+    Args:
+        ctx: The run's shared clients, limits and counters.
+        objects: The chunk's files, none of them completed before for this config.
+
+    Returns:
+        One outcome per file, in order.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = [group.create_task(_process_file(ctx, obj)) for obj in objects]
+    except* (AuthError, RunStopped) as stopped:
+        # One bad key fails every file alike: stop the chunk, mark none of them failed.
+        raise stopped.exceptions[0] from None
+    results = [done.result() for done in running]
+    tables: Rows = {}
+    for file_row, data_rows in results:
+        for table, rows in data_rows.items():
+            tables.setdefault(table, []).extend(rows)
+    # Data rows first, the ledger last: a crash in between re-sends the chunk, and
+    # compaction keeps one row per key.
+    fragment_id = hashlib.sha256(
+        (ctx.config_hash + "".join(sorted(o.file_id for o in objects))).encode()
+    ).hexdigest()[:16]
+    ledger = [file_row for file_row, _ in results]
+    for table, rows in [*sorted(tables.items()), ("files", ledger)]:
+        if rows:
+            await asyncio.to_thread(
+                output.write_fragment, ctx.location, table, rows, fragment_id=fragment_id
+            )
+            ctx.touched.update((table, row["date"]) for row in rows)
+    outcomes = [
+        FileOutcome(row["status"], row["error_class"], row["audio_duration_ms"]) for row in ledger
+    ]
+    for outcome in outcomes:
+        ctx.statuses[outcome.status] += 1
+        ctx.audio_ms += outcome.audio_duration_ms or 0
+    return outcomes
+
+
+async def _process_file(ctx: RunContext, obj: AudioObject) -> tuple[dict[str, Any], Rows]:
+    logger = get_run_logger()
+    key = {
+        "file_id": obj.file_id,
+        "config_hash": ctx.config_hash,
+        "model": ctx.job.model,
+        "date": obj.date,
+    }
+    ledger = {
+        **key,
+        "source_uri": obj.uri,
+        "etag": obj.etag,
+        "size_bytes": obj.size,
+        "attempts": 0,
+        "started_at": datetime.now(UTC),
+        "flow_run_id": ctx.flow_run_id,
+    }
+
+    def finish(status: str, error: BaseException | None = None, detail: str | None = None):
+        ledger["status"] = status
+        ledger["error_class"] = type(error).__name__ if error else None
+        ledger["error_detail"] = detail or (_safe_detail(error) if error else None)
+        ledger["finished_at"] = datetime.now(UTC)
+        logger.debug("file %s model %s: %s", obj.file_id, ctx.job.model, status)
+        return ledger
+
+    extension = obj.filename.rsplit(".", 1)[-1].lower() if "." in obj.filename else ""
+    if extension not in ctx.job.extensions:
+        return finish(SKIPPED, detail=f"extension {extension or '(none)'!r} is not "
+                      f"accepted by {ctx.job.model}"), {}
+    if ctx.breaker.open:
+        return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
+    try:
+        audio = await read_object(ctx.s3_client, obj.bucket, obj.key)
+    except Exception as exc:  # noqa: BLE001 - any S3 failure fails this file, not the batch
+        return finish(FAILED, exc, detail=f"could not read {obj.uri}: {type(exc).__name__}"), {}
+
+    ctx.pool.add_demand(1)
+    try:
+        result = await _call_with_policy(ctx, obj, audio, ledger)
+    except _Deferred:
+        return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
+    except (AuthError, RunStopped):
+        raise
+    except ModulateError as exc:
+        return finish(FAILED, exc), {}
+    finally:
+        ctx.pool.add_demand(-1)
+    rows = await ctx.job.rows(result, obj, key)
+    ledger["audio_duration_ms"] = getattr(result, "duration_ms", None) or getattr(
+        getattr(result, "metadata", None), "duration_ms", None
+    )
+    return finish(COMPLETED), rows
+
+
+class _Deferred(Exception):
+    """The breaker opened: this file waits for the next month."""
+
+
+async def _call_with_policy(
+    ctx: RunContext, obj: AudioObject, audio: bytes, ledger: dict[str, Any]
+) -> Any:
+    started = time.monotonic()
+    transient_attempts = 0
+    while True:
+        if not await ctx.call_slot():
+            raise _Deferred
+        try:
+            async with ctx.pool.slot():
+                ctx.calls += 1
+                ledger["attempts"] += 1
+                try:
+                    result = await ctx.job.call(ctx.client, audio, obj)
+                except ModulateError as exc:
+                    error = exc
+                else:
+                    ctx.breaker.record_success()
+                    return result
+        finally:
+            await ctx.call_done()
+        ctx.rejections[type(error).__name__] += 1
+        ctx.breaker.record_rejection(error)
+        if isinstance(error, AuthError):
+            raise error
+        if isinstance(error, MonthlyLimitReached) or ctx.breaker.open:
+            raise _Deferred
+        if isinstance(error, BadInput):
+            raise error
+        if not isinstance(error, ConcurrencyLimited):
+            transient_attempts += 1
+        decision = decide(
+            ctx.policy, error, transient_attempts, time.monotonic() - started, ctx.rng,
+            breaker=ctx.breaker,
+        )
+        if isinstance(decision, GiveUp):
+            if ctx.breaker.open:
+                raise _Deferred
+            raise error
+        await asyncio.sleep(decision.wait)
+
+
+def _safe_detail(error: BaseException) -> str:
+    """The log-safe text of an error: ModulateError messages carry no key or transcript."""
+    if isinstance(error, ModulateError):
+        return str(error)
+    return type(error).__name__

@@ -1,0 +1,240 @@
+"""Drive one batch run: list, skip what the ledger has, fan out chunks, compact, report.
+
+Every batch flow is this function with a different job (tasks/jobs.py). The run ends
+in one of three states a user reads at a glance in the Prefect UI:
+
+* Completed: every file completed or skipped;
+* Completed named "Completed with failures": some files failed (the `files` table says why);
+* Completed named "Deferred": the monthly limit was reached; the unsent files are
+  `deferred_quota` and a rerun after the limit resets sends exactly them and the failed ones.
+
+A bad key or a model not enabled fails the run at once with the setting to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prefect.artifacts import (
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.context import get_run_context
+from prefect.logging import get_run_logger
+from prefect.states import Completed, State
+from prefect_aws import S3Bucket
+from pydantic import BaseModel, Field
+
+from blocks import ModulateCredentials, OrgLimits, ParquetOutput
+from modulate import AuthError, ModelNotEnabled, QuotaBreaker, RetryPolicy
+from tasks import output
+from tasks.batch import DEFERRED, FAILED, RunContext, RunStopped, process_chunk
+from tasks.jobs import BatchJob, config_hash
+from tasks.s3 import AudioObject, S3Input, iter_audio
+from tasks.slots import SlotPool
+
+__all__ = ["RunSettings", "RunSummary", "run_batch"]
+
+FINISHED = frozenset({"completed", "skipped"})
+
+
+class RunSettings(BaseModel):
+    """Which blocks a run uses, and how it fans out."""
+
+    credentials_block: str = Field(
+        default="modulate", description="Name of the Modulate Credentials block (API key)."
+    )
+    limits_block: str = Field(
+        default="modulate", description="Name of the Modulate Org Limits block."
+    )
+    output_block: str = Field(
+        default="modulate", description="Name of the Modulate Parquet Output block."
+    )
+    chunk_size: int = Field(
+        default=50, ge=1, le=1000, description="Files per Prefect task; calls inside run at once."
+    )
+
+
+class RunSummary(BaseModel):
+    """What a run did, as the table artifact shows it."""
+
+    model: str
+    config_hash: str
+    files: dict[str, int] = Field(description="Files by status.")
+    rejections: dict[str, int] = Field(description="Failed calls by error class.")
+    calls: int
+    audio_hours: float
+    max_in_flight: int
+    output_root: str
+    note: str | None = None
+
+
+async def run_batch(
+    make_job: Callable[[Any, str], BatchJob],
+    source: S3Input,
+    settings: RunSettings,
+    policy: RetryPolicy | None = None,
+) -> State:
+    """Run a batch job over the selected S3 objects and return the run's final state.
+
+    Args:
+        make_job: Builds the job from the input bucket's S3 client and bucket name.
+        source: Which objects to take.
+        settings: Block names and chunk size.
+        policy: Retry waits and budgets; the default policy when None.
+    """
+    logger = get_run_logger()
+    bucket = await S3Bucket.aload(source.bucket_block)
+    s3_client = bucket.credentials.get_s3_client()
+    credentials = await ModulateCredentials.aload(settings.credentials_block)
+    limits = await OrgLimits.aload(settings.limits_block)
+    location = (await ParquetOutput.aload(settings.output_block)).location()
+    job = make_job(s3_client, bucket.bucket_name)
+    model_limit = limits.for_model(job.model)
+    job_hash = config_hash(job)
+    done = await asyncio.to_thread(output.read_ledger, location, job.model, job_hash)
+    flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+
+    async with (
+        SlotPool(limits.limit_name(job.model), fallback_limit=model_limit.concurrent) as pool,
+        credentials.batch_client() as client,
+    ):
+        ctx = RunContext(
+            job=job,
+            config_hash=job_hash,
+            client=client,
+            pool=pool,
+            breaker=QuotaBreaker(
+                model=job.model, concurrent_limit=model_limit.concurrent, org=limits.organization
+            ),
+            policy=policy or RetryPolicy(),
+            s3_client=s3_client,
+            location=location,
+            flow_run_id=flow_run_id,
+        )
+        todo = _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done)
+        stopped: BaseException | None = None
+        try:
+            await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
+        except (AuthError, RunStopped) as exc:
+            stopped = exc
+
+    for table, date in sorted(ctx.touched):
+        await asyncio.to_thread(output.compact, location, table, job.model, [date])
+    summary = RunSummary(
+        model=job.model,
+        config_hash=job_hash,
+        files=dict(ctx.statuses),
+        rejections=dict(ctx.rejections),
+        calls=ctx.calls,
+        audio_hours=round(ctx.audio_ms / 3_600_000, 4),
+        max_in_flight=pool.max_in_use,
+        output_root=location.root,
+        note=ctx.breaker.likely_cause if ctx.breaker.open else None,
+    )
+    await acreate_table_artifact(
+        table=[{"measure": k, "value": v} for k, v in _summary_lines(summary)],
+        key=f"modulate-{job.model}-summary",
+        description=f"Modulate {job.model} run: files by status, calls, rejections, output.",
+    )
+    logger.info(
+        "%s run: %s; %d calls; rejections %s; output %s",
+        job.model, summary.files, summary.calls, summary.rejections, summary.output_root,
+    )
+    if stopped is not None:
+        raise RuntimeError(_fix_message(stopped, settings)) from None
+    return _final_state(summary)
+
+
+async def _not_finished(
+    objects: AsyncIterator[AudioObject], done: dict[str, str]
+) -> AsyncIterator[AudioObject]:
+    async for obj in objects:
+        if done.get(obj.file_id) not in FINISHED:
+            yield obj
+
+
+async def _fan_out(
+    ctx: RunContext, objects: AsyncIterator[AudioObject], chunk_size: int, concurrent: int
+) -> None:
+    """Run chunks as the listing yields them, enough at once to keep every slot busy."""
+    in_flight = asyncio.Semaphore(max(2, math.ceil(2 * concurrent / chunk_size)) + 1)
+    progress_id = await acreate_progress_artifact(
+        0.0, description=f"Files of this {ctx.job.model} run finished, of those listed so far."
+    )
+    listed = 0
+    finished = 0
+
+    async def run_chunk(chunk: list[AudioObject]) -> None:
+        nonlocal finished
+        try:
+            outcomes = await process_chunk(ctx, chunk)
+        finally:
+            in_flight.release()
+        finished += len(outcomes)
+        await aupdate_progress_artifact(progress_id, 100.0 * finished / max(listed, 1))
+
+    async with asyncio.TaskGroup() as group:
+        chunk: list[AudioObject] = []
+        async for obj in objects:
+            listed += 1
+            chunk.append(obj)
+            if len(chunk) == chunk_size:
+                await in_flight.acquire()
+                group.create_task(run_chunk(chunk))
+                chunk = []
+        if chunk:
+            await in_flight.acquire()
+            group.create_task(run_chunk(chunk))
+    await aupdate_progress_artifact(progress_id, 100.0)
+
+
+def _summary_lines(summary: RunSummary) -> list[tuple[str, Any]]:
+    lines: list[tuple[str, Any]] = [(f"files {k}", v) for k, v in sorted(summary.files.items())]
+    lines += [(f"rejections {k}", v) for k, v in sorted(summary.rejections.items())]
+    lines += [
+        ("calls sent", summary.calls),
+        ("audio hours", summary.audio_hours),
+        ("max calls in flight", summary.max_in_flight),
+        ("config hash", summary.config_hash),
+        ("output", summary.output_root),
+    ]
+    if summary.note:
+        lines.append(("note", summary.note))
+    return lines
+
+
+def _final_state(summary: RunSummary) -> State:
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.files.items())) or "no files"
+    if summary.files.get(DEFERRED):
+        return Completed(
+            name="Deferred",
+            message=f"Monthly limit reached ({summary.note}); {counts}. "
+            "Rerun after the limit resets to send the deferred and failed files.",
+            data=summary,
+        )
+    if summary.files.get(FAILED):
+        return Completed(
+            name="Completed with failures",
+            message=f"{counts}; the files table says why each failed.",
+            data=summary,
+        )
+    return Completed(message=counts, data=summary)
+
+
+def _fix_message(error: BaseException, settings: RunSettings) -> str:
+    if isinstance(error, ModelNotEnabled):
+        return (
+            f"The model is not enabled for this organisation ({error}). Ask Modulate to enable "
+            f"it, or use the API key of an organisation that has it (block "
+            f"{settings.credentials_block!r})."
+        )
+    return (
+        f"Modulate refused the API key ({error}). Set a valid api_key in the Modulate "
+        f"Credentials block {settings.credentials_block!r}."
+    )
