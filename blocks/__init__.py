@@ -1,4 +1,7 @@
-"""Prefect blocks: what a deployment keeps between runs (credentials, the org's limits, where output goes)."""
+"""Prefect blocks: what a deployment keeps between runs.
+
+Credentials, the org's limits, and where output goes.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from modulate import BatchClient, PlatformClient, StreamingClient
-from modulate._constants import DEFAULT_PLATFORM_BASE_URL, DEFAULT_MODELS_BASE_URL
+from modulate._constants import DEFAULT_MODELS_BASE_URL, DEFAULT_PLATFORM_BASE_URL
 
 __all__ = ["ModulateCredentials", "PlatformCredentials"]
 

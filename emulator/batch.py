@@ -157,6 +157,7 @@ async def _handle(request: Request, model: str) -> Response:
     state: EmulatorState = request.app.state.emulator
     family = state.config.detail_family
     org_name = UNKNOWN_ORG
+    form: FormData | None = None
     try:
         try:
             form = await request.form(max_files=4, max_fields=64)
@@ -180,9 +181,13 @@ async def _handle(request: Request, model: str) -> Response:
     except RejectedRequest as rej:
         state.reject(org_name, model, rej.cls)
         return error_response(rej.status, rej.detail, rej.headers)
+    finally:
+        if form is not None:
+            await form.close()  # removes the spooled upload
     filename = upload.filename
     return await serve_admitted(
-        state, org, model, stream.duration_s, lambda: _respond(model, stream, blocks, options, filename)
+        state, org, model, stream.duration_s,
+        lambda: _respond(model, stream, blocks, options, filename),
     )
 
 
@@ -258,7 +263,7 @@ async def _analyze(upload: UploadFile, model: str) -> tuple[AudioStream, list[Bl
         raise RejectedRequest(400, details.unsupported_format(allowed))
     size = upload.size
     if size is None:
-        await upload.seek(0, 2)
+        upload.file.seek(0, 2)
         size = upload.file.tell()
     if size == 0:
         raise RejectedRequest(400, details.EMPTY)

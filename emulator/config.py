@@ -128,7 +128,7 @@ class EmulatorConfig(BaseModel):
         text = path.read_text(encoding="utf-8")
         data: Any
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml  # optional: only needed for YAML configs
+            import yaml  # type: ignore[import-untyped]  # optional: YAML configs only
 
             data = yaml.safe_load(text)
         else:

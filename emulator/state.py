@@ -82,12 +82,23 @@ class EmulatorState:
     """Config, counters, admission and Platform jobs of one emulator instance."""
 
     def __init__(self, config: EmulatorConfig) -> None:
-        self.config = config.model_copy(deep=True)
-        self.rng = random.Random(config.seed)
+        self._initial = config.model_copy(deep=True)
+        self._lock = threading.Lock()  # guards dict resizes against readers in other threads
+        self.reset()
+
+    def reset(self, config: EmulatorConfig | None = None) -> None:
+        """Back to a fresh start: the initial (or given) config, no counters, usage or jobs.
+
+        Only call it while no request is in flight (between tests).
+        """
+        if config is not None:
+            self._initial = config.model_copy(deep=True)
+        self.config = self._initial.model_copy(deep=True)
+        self.rng = random.Random(self.config.seed)
         self.jobs: dict[str, Job] = {}
         self.platform: Counter[str] = Counter()
-        self._stats: dict[tuple[str, str], ModelStats] = {}
-        self._lock = threading.Lock()  # guards dict resizes against readers in other threads
+        with self._lock:
+            self._stats: dict[tuple[str, str], ModelStats] = {}
 
     # --- lookup -------------------------------------------------------------------------
     def org_for_key(self, key: str) -> OrgConfig | None:
@@ -185,7 +196,9 @@ class EmulatorState:
     def job_status(self, job: Job) -> str:
         """accepting_files → processing → completed | failed, derived from the clock."""
         if job.finalized_at is None:
-            return "accepting_files"
+            # a realtime job is "processing" while its stream is open
+            realtime = job.submission_type == "realtime_websocket"
+            return "processing" if realtime else "accepting_files"
         if time.monotonic() - job.finalized_at < self.config.platform_job_seconds:
             return "processing"
         if any("fail" in f.filename for f in job.files):

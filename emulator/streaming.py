@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -53,7 +54,7 @@ _BOOLS = {"true": True, "1": True, "false": False, "0": False}
 router = APIRouter()
 
 
-class _BadParams(Exception):
+class _BadParams(ValueError):
     """Connection parameters the contract refuses with an `error` message and close 1003."""
 
 
@@ -92,21 +93,19 @@ async def _session(ws: WebSocket, model: str) -> None:
         await ws.send_json({"type": "error", "error": str(exc)})
         await ws.close(code=1003)
         return
-    cls = state.admit(org, model, 0.0)
-    if cls is not None:
-        rej = details.stream_rejection(family, model, cls)
+    refused = state.admit(org, model, 0.0)
+    if refused is not None:
+        rej = details.stream_rejection(family, model, refused)
         await ws.close(code=rej.code, reason=rej.reason)
         return
     session = _Session(ws, state, org.name, model, stream, audio_format, options)
-    fault = "fault_5xx" if state.draw_fault() == "5xx" else None
-    completed = False
+    inject_fault = state.draw_fault() == "5xx"  # streams only know the 5xx kind of fault
     try:
-        completed = await session.run(inject_fault=fault is not None)
+        await session.run(inject_fault=inject_fault)
     except WebSocketDisconnect:
         logger.info("client left model=%s org=%s", model, org.name)
     finally:
-        state.release(org.name, model, completed=completed,
-                      fault=fault if not completed else None)
+        session.release(completed=False)
 
 
 class _Session:
@@ -125,6 +124,13 @@ class _Session:
         self.frames = 0
         self.last_frame_end = 0
         self.redacted_until = 0
+        self.released = False
+
+    def release(self, *, completed: bool, failure: str | None = None) -> None:
+        """Give the slot back once, before the final message, so stats are final by then."""
+        if not self.released:
+            self.released = True
+            self.state.release(self.org, self.model, completed=completed, fault=failure)
 
     async def run(self, *, inject_fault: bool) -> bool:
         """Process frames until the empty text frame; True if `done` was sent."""
@@ -153,6 +159,7 @@ class _Session:
             return False
         await self._blocks(blocks)
         self._charge()
+        self.release(completed=True)  # before `done`: a client may reconnect at once
         await self._done()
         await self.ws.close(code=1000)
         return True
@@ -190,7 +197,7 @@ class _Session:
         except (ValueError, TypeError):
             await self._fail(details.BAD_CONFIG, 1003)
             return False
-        self.options = TranscriptOptions(**{**self.options.__dict__, **values})
+        self.options = replace(self.options, **values)
         self.transcriber = Transcriber(self.options)
         return True
 
@@ -262,6 +269,7 @@ class _Session:
             await self._fail(INVALID_AUDIO, 1003)
 
     async def _fail(self, error: str, code: int) -> None:
+        self.release(completed=False, failure="fault_5xx" if code == 1011 else "bad_input")
         await self.ws.send_json({"type": "error", "error": error})
         await self.ws.close(code=code)
 

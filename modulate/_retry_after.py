@@ -1,4 +1,4 @@
-"""Parsing of the HTTP `Retry-After` header (seconds or an HTTP date); shared by errors and limits."""
+"""Parsing of the HTTP `Retry-After` header (seconds or HTTP date); used by errors and limits."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ _SECRET_IN_TEXT = re.compile(r"(?i)\b(api_key|apikey|token)=([^&\s'\"<>]*)")
 
 
 def redact_url(url: str) -> str:
-    """Return `url` with the value of every `api_key`, `apikey` and `token` query parameter masked."""
+    """Return `url` with the values of its `api_key`, `apikey` and `token` parameters masked."""
     parts = urlsplit(url)
     if not parts.query:
         return url

@@ -87,6 +87,10 @@ class RedactionOptions(BaseModel):
     language: str | None = None
 
 
+_DEFAULT_STT = STTOptions()
+_DEFAULT_REDACTION = RedactionOptions()
+
+
 class _State(enum.Enum):
     UNOPENED = 1
     OPENED = 2
@@ -104,8 +108,8 @@ class BatchClient:
         timeout: httpx.Timeout = DEFAULT_BATCH_TIMEOUT,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        if not isinstance(api_key, SecretStr):
-            raise ValueError("api_key must be a pydantic SecretStr")
+        if not isinstance(api_key, SecretStr) or not api_key.get_secret_value():
+            raise ValueError("api_key must be a non-empty pydantic SecretStr")
         self._api_key = api_key
         self._base_url = base_url.rstrip("/")
         self._timeout = timeout
@@ -136,7 +140,7 @@ class BatchClient:
             await self._client.aclose()
 
     async def transcribe(
-        self, audio: bytes, filename: str, options: STTOptions = STTOptions()
+        self, audio: bytes, filename: str, options: STTOptions = _DEFAULT_STT
     ) -> Transcript:
         """Multilingual transcript with utterances (POST /api/velma-2-stt-batch)."""
         request = _build_stt(self._base_url, self._api_key, audio, filename, options)
@@ -150,7 +154,7 @@ class BatchClient:
     async def detect_synthetic_voice(
         self, audio: bytes, filename: str, *, duration_ms: int | None = None
     ) -> SVDResult:
-        """Synthetic-voice verdict per 4 s window (POST /api/velma-2-synthetic-voice-detection-batch).
+        """Synthetic-voice verdicts per 4 s window (SVD batch).
 
         `duration_ms`, when known, lets files under 0.5 s fail locally; WAV durations are read
         from the header.
@@ -159,7 +163,7 @@ class BatchClient:
         return await self._send("svd", request, _json_parser(SVDResult))
 
     async def redact(
-        self, audio: bytes, filename: str, options: RedactionOptions = RedactionOptions()
+        self, audio: bytes, filename: str, options: RedactionOptions = _DEFAULT_REDACTION
     ) -> Redaction:
         """Redacted text, ranges and MP3 (POST /api/velma-2-pii-phi-redaction-batch)."""
         request = _build_pii(self._base_url, self._api_key, audio, filename, options)
@@ -185,7 +189,9 @@ class BatchClient:
                     detail=_error_detail(response),
                     headers=response.headers,
                 )
-                logger.debug("%s: HTTP %s -> %s", endpoint, response.status_code, type(error).__name__)
+                logger.debug(
+                    "%s: HTTP %s -> %s", endpoint, response.status_code, type(error).__name__
+                )
                 raise error
             try:
                 return parse(response)

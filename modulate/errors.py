@@ -1,4 +1,4 @@
-"""The error taxonomy of the Modulate clients and `classify()`, the one place a signal gets a meaning.
+"""The error taxonomy of the Modulate clients, and `classify()`: where a signal gets its meaning.
 
 Every failure of a call (HTTP status, WebSocket close code, `detail`/`error` text, transport
 exception) becomes exactly one of these classes before anything decides whether to retry:
@@ -123,7 +123,8 @@ class ModelNotEnabled(AuthError):
 
 
 class BadInput(ModulateError):
-    """This file or these parameters can never succeed (400, 413, 422, 404, 409, 1003, 4002, pre-checks).
+    """This file or these parameters can never succeed: 400, 404, 409, 413, 422, 1003, 4002,
+    and the local pre-checks (empty, over 100 MB, wrong extension, SVD under 0.5 s).
 
     A per-file permanent failure; the batch goes on.
     """
@@ -387,7 +388,7 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
 _HINTS: dict[type[ModulateError], str] = {
     AuthError: "check the API key setting (credentials block) for this endpoint",
     ModelNotEnabled: "ask the org administrator to enable this model for the org",
-    MonthlyLimitReached: "no retry will succeed until the monthly period resets or the limit is raised",
+    MonthlyLimitReached: "no retry succeeds until the monthly period resets or the limit is raised",
     BadInput: "this file or these parameters will not succeed as they are",
 }
 

@@ -70,7 +70,7 @@ class GiveUp:
 
 @dataclass(frozen=True)
 class RetryRecord:
-    """One retry, for logs and artifacts: error class name, attempt and wait; never call arguments."""
+    """One retry for logs and artifacts: error class name, attempt, wait; never call arguments."""
 
     error: str
     attempt: int

@@ -211,7 +211,9 @@ class JobFile(_Model):
     file_id: str
     filename: str | None = None
     status: str
-    result: dict[str, Any] | None = Field(None, description="Raw result; its schema is unknown.")
+    result: dict[str, Any] | None = Field(
+        None, repr=False, description="Raw result (may hold a transcript); schema unknown."
+    )
     error: str | dict[str, Any] | None = None
 
 

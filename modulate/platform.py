@@ -65,8 +65,8 @@ class PlatformClient:
         timeout: httpx.Timeout = DEFAULT_PLATFORM_TIMEOUT,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        if not isinstance(api_key, SecretStr):
-            raise ValueError("api_key must be a pydantic SecretStr")
+        if not isinstance(api_key, SecretStr) or not api_key.get_secret_value():
+            raise ValueError("api_key must be a non-empty pydantic SecretStr")
         if not account_uuid:
             raise ValueError("account_uuid is required")
         self._account_uuid = account_uuid

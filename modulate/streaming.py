@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websockets
 import websockets.exceptions
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from ._constants import (
     DEFAULT_MODELS_BASE_URL,
@@ -25,7 +25,7 @@ from ._constants import (
     DEFAULT_STREAM_OPEN_TIMEOUT,
 )
 from ._urls import redact_text, redact_url
-from .errors import classify
+from .errors import Transient, classify
 from .models import (
     Done,
     FrameEvent,
@@ -49,6 +49,7 @@ RAW_AUDIO_FORMATS: frozenset[str] = frozenset(
     "s8 s16le s16be s24le s24be s32le s32be u8 u16le u16be u24le u24be u32le u32be"
     " f32le f32be f64le f64be mulaw alaw".split()
 )
+_Closed = websockets.exceptions.ConnectionClosed
 _SAMPLE_RATES = frozenset({8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000})
 
 
@@ -84,8 +85,8 @@ class StreamingClient:
         open_timeout: float = DEFAULT_STREAM_OPEN_TIMEOUT,
         max_size: int = DEFAULT_STREAM_MAX_SIZE,
     ) -> None:
-        if not isinstance(api_key, SecretStr):
-            raise ValueError("api_key must be a pydantic SecretStr")
+        if not isinstance(api_key, SecretStr) or not api_key.get_secret_value():
+            raise ValueError("api_key must be a non-empty pydantic SecretStr")
         parts = urlsplit(base_url.rstrip("/"))
         scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
         if scheme is None:
@@ -122,7 +123,7 @@ class StreamingClient:
             )
         except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
             error = classify(endpoint=name, exc=exc)
-            logger.debug("%s: connect to %s failed: %s", name, redact_url(url), type(error).__name__)
+            logger.debug("%s: connect to %s: %s", name, redact_url(url), type(error).__name__)
             raise error from None
         async with connection as ws:
             sender = asyncio.create_task(_send_audio(ws, audio))
@@ -135,7 +136,7 @@ class StreamingClient:
             finally:
                 if not sender.done():
                     sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, websockets.exceptions.ConnectionClosed):
+                with contextlib.suppress(asyncio.CancelledError, _Closed):
                     await sender
 
     async def collect(
@@ -173,12 +174,19 @@ async def _receive(ws: Any, name: str, pii: bool) -> AsyncIterator[StreamEvent]:
             if isinstance(event, Done):
                 return
             continue
-        data = json.loads(message) if message else {}
-        kind = data.get("type") if isinstance(data, dict) else None
-        if kind == "error":
-            error_text = redact_text(str(data.get("error", "")))  # the close follows
-            continue
-        event = _parse(kind, data)
+        try:
+            data = json.loads(message) if message else {}
+            kind = data.get("type") if isinstance(data, dict) else None
+            if kind == "error":
+                error_text = redact_text(str(data.get("error", "")))  # the close follows
+                continue
+            event = _parse(kind, data)
+        except (ValueError, ValidationError) as exc:  # ValidationError is a ValueError; explicit
+            raise Transient(
+                f"{name}: unexpected message ({type(exc).__name__})",
+                endpoint=name,
+                detail="unexpected message",
+            ) from None
         if event is None:
             logger.debug("%s: unknown message type %r ignored", name, kind)
             continue

@@ -1,2 +1,70 @@
+"""The `modulate-flows` command: the demo, the emulator, and the org's limits.
+
+Prefect is imported inside the commands, after the settings they need are in the
+environment (a Prefect setting read at import time would ignore a later change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
-app = typer.Typer()
+from rich.console import Console
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Prefect flows for Modulate's speech APIs.", no_args_is_help=True)
+limits_app = typer.Typer(help="The organisation's per-model limits.", no_args_is_help=True)
+app.add_typer(limits_app, name="limits")
+console = Console()
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option(help="Where the Parquet and the Prefect database go.")] = (
+        Path("demo-output")
+    ),
+    files: Annotated[int, typer.Option(min=1, max=500, help="Sample calls to generate.")] = 24,
+) -> None:
+    """Run the batch flows on sample audio against a local S3 and the emulator, then summarise."""
+    output.mkdir(parents=True, exist_ok=True)
+    # A Prefect of its own under the output directory: the runs stay there to browse
+    # with `prefect server start` afterwards, and nothing touches ~/.prefect.
+    os.environ["PREFECT_HOME"] = str((output / "prefect").resolve())
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.pop("PREFECT_API_URL", None)
+    from modulate_flows.demo import run_demo
+
+    run_demo(output, files, console)
+
+
+@app.command()
+def emulator(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+    config: Annotated[
+        Path | None, typer.Option(help="Emulator config (JSON); the demo org when left out.")
+    ] = None,
+) -> None:
+    """Serve the Modulate emulator on 127.0.0.1 until interrupted."""
+    from emulator import EmulatorConfig, serve
+
+    loaded = EmulatorConfig.load(config) if config else EmulatorConfig.default()
+    console.print(f"Modulate emulator on http://127.0.0.1:{port} (stats at /_emulator/stats)")
+    serve(loaded, port=port)
+
+
+@limits_app.command("sync")
+def limits_sync(
+    block: Annotated[str, typer.Option(help="Name of the Modulate Org Limits block.")] = "modulate",
+) -> None:
+    """Create or update one Prefect concurrency limit per model of the org."""
+    from blocks import OrgLimits
+
+    async def sync() -> dict[str, int]:
+        return await (await OrgLimits.aload(block)).sync()
+
+    for name, limit in asyncio.run(sync()).items():
+        console.print(f"{name}: {limit} at once")

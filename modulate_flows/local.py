@@ -1,4 +1,4 @@
-"""A local stand-in for the cloud: a moto S3 server, the emulator, and the blocks that point at them.
+"""A local stand-in for the cloud: moto S3, the emulator, and blocks that point at them.
 
 The demo, the tests and the benchmark all run on this, on 127.0.0.1 only.
 """

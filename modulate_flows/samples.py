@@ -1,4 +1,4 @@
-"""Sample audio made in code: speech-like WAVs of varied lengths, and the bad files a real bucket holds.
+"""Sample audio made in code: speech-like WAVs of varied lengths, and bad files.
 
 Speech-like means a few harmonics under a syllable-rate amplitude envelope with
 pauses, seeded so every sample is different and reproducible.

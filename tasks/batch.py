@@ -12,11 +12,12 @@ it is open, every file not yet sent is recorded `deferred_quota` without a call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import logging
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -99,34 +100,34 @@ class RunContext:
         self._probe = asyncio.Condition()
         self._probing = False
 
-    async def call_slot(self) -> bool:
-        """Wait until this file may call; False when the breaker opened meanwhile.
+    @contextlib.asynccontextmanager
+    async def permit(self) -> AsyncIterator[bool]:
+        """Wait until this file may call; yields False when the breaker opened meanwhile.
 
-        Returns with `self._probing` set when the call is a probe of a suspect breaker.
+        Taken after the pool slot, right before the call, so that files already queued
+        for a slot see a breaker that turned suspect while they waited. While it is
+        suspect, one call at a time probes the service.
         """
         async with self._probe:
             await self._probe.wait_for(
                 lambda: self.breaker.open or not self.breaker.suspect or not self._probing
             )
-            if self.breaker.open:
-                return False
-            if self.breaker.suspect:
-                self._probing = True
-            return True
-
-    async def call_done(self) -> None:
-        async with self._probe:
-            self._probing = False
-            self._probe.notify_all()
+            probing = self.breaker.suspect and not self.breaker.open
+            self._probing = self._probing or probing
+        try:
+            yield not self.breaker.open
+        finally:
+            async with self._probe:
+                if probing:
+                    self._probing = False
+                self._probe.notify_all()
 
 
 @task(
     name="process-chunk",
     cache_policy=NO_CACHE,
     retries=1,
-    retry_condition_fn=lambda task, run, state: not isinstance(
-        state.result(raise_on_failure=False), RunStopped | ModulateError
-    ),
+    retry_condition_fn=lambda task, run, state: _infrastructure_failure(state.data),
 )
 async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[FileOutcome]:
     """Call the model for every file of the chunk and write the chunk's rows.
@@ -146,7 +147,7 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
         raise stopped.exceptions[0] from None
     results = [done.result() for done in running]
     tables: Rows = {}
-    for file_row, data_rows in results:
+    for _, data_rows in results:
         for table, rows in data_rows.items():
             tables.setdefault(table, []).extend(rows)
     # Data rows first, the ledger last: a crash in between re-sends the chunk, and
@@ -170,6 +171,12 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
     return outcomes
 
 
+def _infrastructure_failure(error: object) -> bool:
+    """Retry a chunk only for what a second try can mend (S3 or Parquet writes), never a
+    stop of the run; per-file retries live in `_call_with_policy`."""
+    return not isinstance(error, RunStopped | ModulateError)
+
+
 async def _process_file(ctx: RunContext, obj: AudioObject) -> tuple[dict[str, Any], Rows]:
     logger = get_run_logger()
     key = {
@@ -184,6 +191,7 @@ async def _process_file(ctx: RunContext, obj: AudioObject) -> tuple[dict[str, An
         "etag": obj.etag,
         "size_bytes": obj.size,
         "attempts": 0,
+        "audio_duration_ms": None,
         "started_at": datetime.now(UTC),
         "flow_run_id": ctx.flow_run_id,
     }
@@ -235,23 +243,20 @@ async def _call_with_policy(
     started = time.monotonic()
     transient_attempts = 0
     while True:
-        if not await ctx.call_slot():
-            raise _Deferred
-        try:
-            async with ctx.pool.slot():
-                ctx.calls += 1
-                ledger["attempts"] += 1
-                try:
-                    result = await ctx.job.call(ctx.client, audio, obj)
-                except ModulateError as exc:
-                    error = exc
-                else:
-                    ctx.breaker.record_success()
-                    return result
-        finally:
-            await ctx.call_done()
+        async with ctx.pool.slot(), ctx.permit() as permitted:
+            if not permitted:
+                raise _Deferred
+            ctx.calls += 1
+            ledger["attempts"] += 1
+            try:
+                result = await ctx.job.call(ctx.client, audio, obj)
+            except ModulateError as exc:
+                error = exc
+                ctx.breaker.record_rejection(error)
+            else:
+                ctx.breaker.record_success()
+                return result
         ctx.rejections[type(error).__name__] += 1
-        ctx.breaker.record_rejection(error)
         if isinstance(error, AuthError):
             raise error
         if isinstance(error, MonthlyLimitReached) or ctx.breaker.open:

@@ -58,8 +58,8 @@ class OutputLocation:
 
     root: str
     s3_endpoint_url: str | None = None
-    aws_access_key_id: SecretStr | None = None
-    aws_secret_access_key: SecretStr | None = None
+    aws_access_key_id: SecretStr | str | None = None
+    aws_secret_access_key: SecretStr | str | None = None
     region: str | None = None
 
     def __post_init__(self) -> None:
@@ -89,9 +89,10 @@ class OutputLocation:
             endpoint = urlparse(self.s3_endpoint_url)
             kwargs["endpoint_override"] = endpoint.netloc or endpoint.path
             kwargs["scheme"] = endpoint.scheme or "https"
-        if self.aws_access_key_id and self.aws_secret_access_key:
-            kwargs["access_key"] = self.aws_access_key_id.get_secret_value()
-            kwargs["secret_key"] = self.aws_secret_access_key.get_secret_value()
+        access_key, secret_key = self.aws_access_key_id, self.aws_secret_access_key
+        if access_key and secret_key:
+            kwargs["access_key"] = _reveal(access_key)
+            kwargs["secret_key"] = _reveal(secret_key)
         return pafs.S3FileSystem(**kwargs), base
 
     def uri(self, table: str) -> str:
@@ -153,6 +154,12 @@ def compact(location: OutputLocation, table_name: str, model: str, dates: Iterab
     from the most recently written file. Inputs are deleted only after the output is
     written, and only the files that were read, so a crash leaves at worst duplicates that
     the next call removes, and fragments written meanwhile are kept.
+
+    Args:
+        location: the dataset root.
+        table_name: a key of ``tasks.schemas.TABLES``.
+        model: the ``model=`` partition.
+        dates: the ``date=`` partitions to compact; missing ones are skipped.
     """
     _table_spec(table_name)
     fs, base = location.filesystem()
@@ -167,6 +174,14 @@ def read_ledger(location: OutputLocation, model: str, config_hash: str) -> dict[
 
     Streams projected, filtered batches. Where uncompacted fragments hold several rows for a
     file, ``completed`` wins, otherwise the row with the latest ``finished_at``.
+
+    Args:
+        location: the dataset root.
+        model: the ``model=`` partition to read.
+        config_hash: the job config whose rows count.
+
+    Returns:
+        ``file_id -> status``; empty when the files table does not exist yet.
     """
     dataset = _open_dataset(location, "files")
     if dataset is None:
@@ -197,6 +212,10 @@ def read_table(location: OutputLocation, table_name: str) -> pa.Table:
     if dataset is None:
         return empty_table(table_name)
     return dataset.to_table()
+
+
+def _reveal(secret: SecretStr | str) -> str:
+    return secret.get_secret_value() if isinstance(secret, SecretStr) else secret
 
 
 def _table_spec(table_name: str) -> tuple[pa.Schema, tuple[str, ...]]:
@@ -273,7 +292,7 @@ def _compact_partition(fs: pafs.FileSystem, directory: str, table_name: str) -> 
     combined = combined.sort_by(sort_keys)
     combined = combined.append_column("_pos", pa.array(range(combined.num_rows), pa.int64()))
     winners = combined.group_by(list(keys), use_threads=False).aggregate([("_pos", "max")])
-    result = combined.take(pc.sort_indices(winners.column("_pos_max")))
+    result = combined.take(winners.column("_pos_max"))
     result = result.select(file_schema.names).sort_by([(key, "ascending") for key in keys])
     newest = max(order for (order, _), _ in loaded)
     result = result.replace_schema_metadata({WRITTEN_AT_KEY: str(newest).encode()})

@@ -14,7 +14,6 @@ A bad key or a model not enabled fails the run at once with the setting to fix.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,7 +27,7 @@ from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 from prefect.states import Completed, State
 from prefect_aws import S3Bucket
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from blocks import ModulateCredentials, OrgLimits, ParquetOutput
 from modulate import AuthError, ModelNotEnabled, QuotaBreaker, RetryPolicy
@@ -41,10 +40,13 @@ from tasks.slots import SlotPool
 __all__ = ["RunSettings", "RunSummary", "run_batch"]
 
 FINISHED = frozenset({"completed", "skipped"})
+DEFAULT_POLICY = RetryPolicy()
 
 
 class RunSettings(BaseModel):
     """Which blocks a run uses, and how it fans out."""
+
+    model_config = ConfigDict(frozen=True)
 
     credentials_block: str = Field(
         default="modulate", description="Name of the Modulate Credentials block (API key)."
@@ -112,7 +114,7 @@ async def run_batch(
             breaker=QuotaBreaker(
                 model=job.model, concurrent_limit=model_limit.concurrent, org=limits.organization
             ),
-            policy=policy or RetryPolicy(),
+            policy=policy or DEFAULT_POLICY,
             s3_client=s3_client,
             location=location,
             flow_run_id=flow_run_id,
@@ -121,8 +123,8 @@ async def run_batch(
         stopped: BaseException | None = None
         try:
             await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
-        except (AuthError, RunStopped) as exc:
-            stopped = exc
+        except* (AuthError, RunStopped) as group:
+            stopped = group.exceptions[0]
 
     for table, date in sorted(ctx.touched):
         await asyncio.to_thread(output.compact, location, table, job.model, [date])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["AudioObject", "S3Input", "iter_audio", "read_object", "write_object"]
 
@@ -23,6 +23,8 @@ PAGE_SIZE = 1000
 
 class S3Input(BaseModel):
     """Which audio objects a run takes from S3."""
+
+    model_config = ConfigDict(frozen=True)
 
     bucket_block: str = Field(
         default="audio-inbox",

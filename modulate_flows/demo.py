@@ -1,0 +1,154 @@
+"""The demo: sample audio in a local S3, the emulator, the batch flows, a summary.
+
+Everything listens on 127.0.0.1 and stops when the demo ends; the Parquet and the
+Prefect database stay under the output directory for a look afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from rich.console import Console
+from rich.table import Table
+
+from blocks import ModelLimit, OrgLimits
+from emulator import EmulatorConfig, Latency, ModelLimits, OrgConfig
+from modulate_flows.local import LocalServices, local_services, save_blocks
+from modulate_flows.samples import bad_files, demo_files
+
+__all__ = ["run_demo"]
+
+ORG = "demo"
+API_KEY = "demo-velma-key"  # the emulator's key; no real key is involved
+BUCKET = "audio-inbox"
+PREFIX = "calls/"
+CONCURRENT = 4
+MODELS = ("stt", "svd", "pii")
+
+
+def run_demo(output: Path, files: int, console: Console) -> None:
+    """Run transcription, detection and redaction over sample audio and print what landed."""
+    parquet = output.resolve() / "parquet"
+    config = EmulatorConfig(
+        orgs=[
+            OrgConfig(
+                name=ORG,
+                velma_keys=[API_KEY],
+                models={m: ModelLimits(concurrent=CONCURRENT) for m in MODELS},
+            )
+        ],
+        latency=Latency(mean_s=0.2, jitter_s=0.1),
+    )
+    started = time.monotonic()
+    with console.status("Starting a local S3 (moto) and the Modulate emulator..."):
+        services_cm = local_services(config)
+        services = services_cm.__enter__()
+    try:
+        samples = demo_files(files, prefix=PREFIX)
+        samples.update({key: data for key, (data, _) in bad_files(prefix=PREFIX).items()})
+        services.upload(BUCKET, samples)
+        console.print(
+            f"[bold]S3[/] {services.s3_endpoint} bucket [cyan]{BUCKET}[/]: {len(samples)} objects "
+            f"({files} sample calls, {len(samples) - files} bad files).\n"
+            f"[bold]Emulator[/] {services.emulator_url}, {CONCURRENT} calls at once per model."
+        )
+        states = asyncio.run(_run_flows(services, parquet, console))
+        stats = services.emulator.state.stats()
+    finally:
+        services_cm.__exit__(None, None, None)
+    _print_summary(parquet, states, stats, console)
+    console.print(f"\nDone in {time.monotonic() - started:.0f} s.")
+
+
+async def _run_flows(services: LocalServices, parquet: Path, console: Console) -> dict[str, Any]:
+    from flows import detect_synthetic_voice, redact_pii, transcribe
+    from tasks.runner import RunSettings
+    from tasks.s3 import S3Input
+
+    await save_blocks(
+        services,
+        name="modulate",
+        bucket=BUCKET,
+        output_root=str(parquet),
+        organization=ORG,
+        api_key=API_KEY,
+        limits={m: ModelLimit(concurrent=CONCURRENT) for m in MODELS},
+    )
+    # The flows' default S3 input block is "audio-inbox".
+    await save_blocks(
+        services,
+        name=BUCKET,
+        bucket=BUCKET,
+        output_root=str(parquet),
+        organization=ORG,
+        api_key=API_KEY,
+        limits={},
+    )
+    await (await OrgLimits.aload("modulate")).sync()
+    source = S3Input(bucket_block=BUCKET, prefix=PREFIX)
+    settings = RunSettings(chunk_size=10)
+    states = {}
+    for label, flow in [
+        ("transcription", transcribe),
+        ("synthetic-voice detection", detect_synthetic_voice),
+        ("PII redaction", redact_pii),
+    ]:
+        with console.status(f"Running {label}..."):
+            state = await flow(source=source, settings=settings, return_state=True)
+        console.print(f"[bold]{label}[/]: [green]{state.name}[/] - {state.message}")
+        states[label] = state
+    return states
+
+
+def _print_summary(
+    parquet: Path, states: dict[str, Any], stats: dict[str, Any], console: Console
+) -> None:
+    con = duckdb.connect()
+
+    def scan(table: str) -> str:
+        return f"read_parquet('{parquet}/{table}/**/*.parquet', hive_partitioning=true)"
+
+    ledger = Table(title="Files by model and status (from the files table)")
+    for column in ("model", "status", "files", "audio minutes", "why (first)"):
+        ledger.add_column(column)
+    rows = con.execute(
+        f"select model, status, count(*), round(sum(audio_duration_ms) / 60000.0, 1), "
+        f"min(error_detail) from {scan('files')} group by all order by model, status"
+    ).fetchall()
+    for model, status, n, minutes, why in rows:
+        ledger.add_row(model, status, str(n), str(minutes or 0), (why or "")[:70])
+    console.print(ledger)
+
+    verdicts = con.execute(
+        f"select verdict, count(*) from {scan('detection_summary')} group by all order by 1"
+    ).fetchall()
+    utterances = con.execute(f"select count(*) from {scan('utterances')}").fetchone()
+    redactions = con.execute(
+        f"select count(*), sum(redaction_count) from {scan('redactions')}"
+    ).fetchone()
+    console.print(
+        f"Utterances: {utterances[0] if utterances else 0}.  "
+        f"Synthetic-voice verdicts: {dict(verdicts)}.  "
+        f"Redacted files: {redactions[0] if redactions else 0} "
+        f"({redactions[1] if redactions else 0} ranges), MP3s under s3://{BUCKET}/redacted/."
+    )
+    limits = Table(title="The org's limit, as the emulator saw it")
+    for column in ("model", "limit", "max in flight", "requests", "rejections"):
+        limits.add_column(column)
+    for model, s in sorted(stats["orgs"][ORG].items()):
+        if s["requests"]:
+            limits.add_row(
+                model, str(CONCURRENT), str(s["max_in_flight"]), str(s["requests"]),
+                str({k: v for k, v in s["rejections"].items() if v}),
+            )
+    console.print(limits)
+    console.print(f"\n[bold]Parquet[/]: {parquet}/<table>/model=<model>/date=<YYYY-MM-DD>/")
+    console.print(
+        "Try it:\n  uv run python -c \"import duckdb; print(duckdb.sql(\\\"select model, status, "
+        f"count(*) from read_parquet('{parquet}/files/**/*.parquet', hive_partitioning=true) "
+        "group by all\\\"))\""
+    )
