@@ -15,10 +15,16 @@ class ModelLimit(BaseModel):
     """One model's limits for the organisation, as Modulate set them."""
 
     concurrent: int = Field(
-        default=5, ge=1, description="Requests or streams that may be in flight at once."
+        default=5,
+        ge=1,
+        title="Concurrent",
+        description="Requests or streams that may be in flight at once.",
     )
     monthly_audio_hours: float = Field(
-        default=1000.0, gt=0, description="Audio hours the organisation may process per month."
+        default=1000.0,
+        gt=0,
+        title="Monthly audio hours",
+        description="Audio hours the organisation may process per month.",
     )
 
 
@@ -43,11 +49,13 @@ class OrgLimits(Block):
 
     organization: str = Field(
         default=...,
+        title="Organization",
         description="A short name for the organisation; it names the Prefect limits.",
         pattern=r"^[A-Za-z0-9_.-]+$",
     )
     models: dict[str, ModelLimit] = Field(
         default_factory=dict,
+        title="Limits per model",
         description=(
             "Limits per model: stt, vfast, svd, pii, stt-streaming, svd-streaming, "
             "pii-streaming, platform. A model left out gets the default limits."

@@ -29,6 +29,7 @@ class ParquetOutput(Block):
 
     root: str = Field(
         default=...,
+        title="Root",
         description="A local directory, or s3://bucket/prefix for object storage.",
     )
     aws_credentials: AwsCredentials | None = Field(

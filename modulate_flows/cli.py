@@ -14,11 +14,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from modulate_flows.blocks_cli import blocks_app
+
 __all__ = ["app"]
 
 app = typer.Typer(help="Prefect flows for Modulate's speech APIs.", no_args_is_help=True)
 limits_app = typer.Typer(help="The organisation's per-model limits.", no_args_is_help=True)
 app.add_typer(limits_app, name="limits")
+app.add_typer(blocks_app, name="blocks")
 console = Console()
 
 
@@ -35,6 +38,8 @@ def demo(
     # with `prefect server start` afterwards, and nothing touches ~/.prefect.
     os.environ["PREFECT_HOME"] = str((output / "prefect").resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The demo prints its own summary; Prefect's per-task lines would drown it.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.pop("PREFECT_API_URL", None)
     from modulate_flows.demo import run_demo
 

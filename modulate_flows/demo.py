@@ -7,6 +7,7 @@ Prefect database stay under the output directory for a look afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,9 @@ def run_demo(output: Path, files: int, console: Console) -> None:
         latency=Latency(mean_s=0.2, jitter_s=0.1),
     )
     started = time.monotonic()
-    with console.status("Starting a local S3 (moto) and the Modulate emulator..."):
-        services_cm = local_services(config)
-        services = services_cm.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        with console.status("Starting a local S3 (moto) and the Modulate emulator..."):
+            services = stack.enter_context(local_services(config))
         samples = demo_files(files, prefix=PREFIX)
         samples.update({key: data for key, (data, _) in bad_files(prefix=PREFIX).items()})
         services.upload(BUCKET, samples)
@@ -58,8 +58,6 @@ def run_demo(output: Path, files: int, console: Console) -> None:
         )
         states = asyncio.run(_run_flows(services, parquet, console))
         stats = services.emulator.state.stats()
-    finally:
-        services_cm.__exit__(None, None, None)
     _print_summary(parquet, states, stats, console)
     console.print(f"\nDone in {time.monotonic() - started:.0f} s.")
 
@@ -112,16 +110,28 @@ def _print_summary(
     def scan(table: str) -> str:
         return f"read_parquet('{parquet}/{table}/**/*.parquet', hive_partitioning=true)"
 
-    ledger = Table(title="Files by model and status (from the files table)")
-    for column in ("model", "status", "files", "audio minutes", "why (first)"):
-        ledger.add_column(column)
+    ledger = Table(title="Files by model and status (the files table)")
+    for column in ("model", "completed", "failed", "skipped", "deferred", "audio minutes"):
+        ledger.add_column(column, justify="right")
     rows = con.execute(
-        f"select model, status, count(*), round(sum(audio_duration_ms) / 60000.0, 1), "
-        f"min(error_detail) from {scan('files')} group by all order by model, status"
+        f"select model, count(*) filter (status = 'completed'), count(*) filter (status = 'failed'),"
+        f" count(*) filter (status = 'skipped'), count(*) filter (status = 'deferred_quota'),"
+        f" round(sum(audio_duration_ms) / 60000.0, 1) from {scan('files')} group by all order by 1"
     ).fetchall()
-    for model, status, n, minutes, why in rows:
-        ledger.add_row(model, status, str(n), str(minutes or 0), (why or "")[:70])
+    for row in rows:
+        ledger.add_row(*(str(value) for value in row))
     console.print(ledger)
+
+    problems = Table(title="Why files failed or were skipped (error_detail in the files table)")
+    for column in ("file", "models", "status", "why"):
+        problems.add_column(column)
+    for uri, models, status, why in con.execute(
+        f"select source_uri, string_agg(model, ', ' order by model), status, "
+        f"min(error_detail) from {scan('files')} where status in ('failed', 'skipped') "
+        f"group by source_uri, status order by 1"
+    ).fetchall():
+        problems.add_row(uri.rsplit("/", 1)[-1], models, status, why)
+    console.print(problems)
 
     verdicts = con.execute(
         f"select verdict, count(*) from {scan('detection_summary')} group by all order by 1"
@@ -148,7 +158,7 @@ def _print_summary(
     console.print(limits)
     console.print(f"\n[bold]Parquet[/]: {parquet}/<table>/model=<model>/date=<YYYY-MM-DD>/")
     console.print(
-        "Try it:\n  uv run python -c \"import duckdb; print(duckdb.sql(\\\"select model, status, "
-        f"count(*) from read_parquet('{parquet}/files/**/*.parquet', hive_partitioning=true) "
-        "group by all\\\"))\""
+        "Query it with DuckDB (uv run python, then import duckdb):\n"
+        f"  duckdb.sql(\"select model, verdict, count(*) from read_parquet("
+        f"'{parquet}/detection_summary/**/*.parquet', hive_partitioning=true) group by all\")"
     )

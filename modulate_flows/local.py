@@ -6,6 +6,7 @@ The demo, the tests and the benchmark all run on this, on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,8 @@ class LocalServices:
 @contextlib.contextmanager
 def local_services(config: EmulatorConfig | None = None) -> Iterator[LocalServices]:
     """Start a moto S3 server and the emulator on free ports of 127.0.0.1; stop both after."""
+    # moto's werkzeug logs every request at INFO.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     try:

@@ -92,6 +92,14 @@ async def stream(emu: RunningEmulator, path: str, query: str, audio: bytes,
     return messages, ws.close_code
 
 
+async def wait_idle(emu: RunningEmulator, deadline_s: float = 5.0) -> None:
+    """Wait until no request is in flight anywhere (bounded by a deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while any(m["in_flight"] for org in emu.state.stats()["orgs"].values() for m in org.values()):
+        assert time.monotonic() < deadline, "emulator still busy"
+        await asyncio.sleep(0.01)
+
+
 # --- batch happy paths ------------------------------------------------------------------------
 
 async def test_stt_batch_shape_and_flags(client: httpx.AsyncClient) -> None:
@@ -259,7 +267,9 @@ async def test_fault_5xx_and_drop_and_slow(client: httpx.AsyncClient,
     emu.state.patch_config({"faults": {"drop_rate": 0.0, "slow_rate": 1.0, "slow_s": 0.5}})
     with pytest.raises(httpx.ReadTimeout):
         await client.post(STT, headers={"X-API-Key": KEY}, files=wav_file(), timeout=0.1)
+    await wait_idle(emu)  # the slow call still holds its slot after the client gave up
     rejections = emu.state.stats()["orgs"]["demo"]
+    assert rejections["stt"]["rejections"]["slow"] == 1
     assert rejections["stt"]["rejections"]["fault_5xx"] == 1
     assert rejections["svd"]["rejections"]["dropped"] == 1
     assert rejections["svd"]["in_flight"] == 0

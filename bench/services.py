@@ -1,0 +1,151 @@
+"""The benchmark's outside world: the emulator and moto S3, each in a process of its own.
+
+Running them as subprocesses keeps their CPU and memory out of the numbers measured for
+the bench process, which holds only the contender being measured (and Prefect's client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+
+from emulator import EmulatorConfig, ModelLimits, OrgConfig
+from modulate_flows.local import LocalServices
+from modulate_flows.samples import speech_wav
+
+__all__ = ["BenchServices", "bench_files", "start_services", "upload"]
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 60.0
+UPLOAD_THREADS = 16
+BASE_WAVS = 16  # distinct one-second sounds; every file then differs by its last samples
+
+
+@dataclass
+class BenchServices:
+    """Where the subprocess emulator and moto listen, and how to reach them."""
+
+    local: LocalServices
+    emulator_url: str
+
+    def stats(self, org: str, model: str = "stt") -> dict[str, Any]:
+        response = httpx.get(f"{self.emulator_url}/_emulator/stats", timeout=30)
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()["orgs"][org][model]
+        return stats
+
+    def reset_stats(self) -> None:
+        httpx.post(f"{self.emulator_url}/_emulator/stats/reset", timeout=30).raise_for_status()
+
+    def set_latency(self, seconds: float) -> None:
+        httpx.patch(
+            f"{self.emulator_url}/_emulator/config",
+            json={"latency": {"mean_s": seconds, "jitter_s": 0.0}},
+            timeout=30,
+        ).raise_for_status()
+
+
+def bench_files(n: int, prefix: str = "bench/") -> Iterator[tuple[str, bytes]]:
+    """`n` distinct one-second WAVs, made cheaply from a few synthesised ones.
+
+    Synthesising 5,000 sounds in pure Python takes minutes; a handful of bases with the
+    file's index written into the last samples gives distinct bytes (and transcripts).
+    """
+    bases = [speech_wav(1.0, seed=i) for i in range(BASE_WAVS)]
+    for i in range(n):
+        base = bases[i % BASE_WAVS]
+        yield f"{prefix}call-{i:05d}.wav", base[:-8] + i.to_bytes(8, "little")
+
+
+@contextlib.contextmanager
+def start_services(orgs: list[str], concurrent: int) -> Iterator[BenchServices]:
+    """Start the emulator (orgs with `concurrent` stt slots, key "key-<org>") and moto."""
+    config = EmulatorConfig(
+        orgs=[
+            OrgConfig(
+                name=org,
+                velma_keys=[f"key-{org}"],
+                models={"stt": ModelLimits(concurrent=concurrent, monthly_audio_hours=1e6)},
+            )
+            for org in orgs
+        ]
+    )
+    with tempfile.TemporaryDirectory(prefix="modulate-bench-") as tmp:
+        config_path = Path(tmp) / "emulator.json"
+        config_path.write_text(json.dumps(config.model_dump(mode="json")), encoding="utf-8")
+        emulator_port, moto_port = _free_port(), _free_port()
+        commands = [
+            [sys.executable, "-m", "emulator", "--port", str(emulator_port),
+             "--config", str(config_path), "--log-level", "warning"],
+            [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(moto_port)],
+        ]
+        with contextlib.ExitStack() as stack:
+            for command in commands:
+                stack.enter_context(_process(command))
+            emulator_url = f"http://{HOST}:{emulator_port}"
+            s3_endpoint = f"http://{HOST}:{moto_port}"
+            _wait_http(f"{emulator_url}/_emulator/stats")
+            _wait_http(s3_endpoint)
+            local = LocalServices(s3_endpoint=s3_endpoint, emulator=SimpleNamespace(url=emulator_url))
+            yield BenchServices(local=local, emulator_url=emulator_url)
+
+
+def upload(services: BenchServices, bucket: str, files: Iterator[tuple[str, bytes]]) -> int:
+    """Put every file into `bucket` (created) with a few threads; returns how many."""
+    client = services.local.s3_client()
+    services.local.upload(bucket, {})
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        done = list(
+            pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), files)
+        )
+    return len(done)
+
+
+@contextlib.contextmanager
+def _process(command: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_http(url: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up in {STARTUP_TIMEOUT_S:.0f} s") from None
+            time.sleep(0.1)  # polling a port that is not open yet: nothing to wait on instead
