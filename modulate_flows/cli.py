@@ -15,12 +15,14 @@ import typer
 from rich.console import Console
 
 from modulate_flows.blocks_cli import blocks_app
+from modulate_flows.platform_cli import platform_app
 
 __all__ = ["app"]
 
 app = typer.Typer(help="Prefect flows for Modulate's speech APIs.", no_args_is_help=True)
 limits_app = typer.Typer(help="The organisation's per-model limits.", no_args_is_help=True)
 app.add_typer(limits_app, name="limits")
+app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
 console = Console()
 

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -37,12 +37,16 @@ from modulate import (
     RetryPolicy,
     decide,
 )
+from modulate._constants import MAX_BATCH_BYTES
 from modulate.limits import GiveUp
 from tasks import output
 from tasks.jobs import BatchJob, Rows
 from tasks.output import OutputLocation
 from tasks.s3 import AudioObject, read_object
 from tasks.slots import SlotPool
+
+if TYPE_CHECKING:
+    from tasks.streaming import StreamRoute
 
 __all__ = ["FileOutcome", "RunContext", "RunStopped", "process_chunk"]
 
@@ -97,6 +101,8 @@ class RunContext:
         self.calls = 0
         self.audio_ms = 0
         self.touched: set[tuple[str, str]] = set()  # (table, date) written this run
+        # Files over the batch size limit go to the job's streaming model (tasks/streaming.py).
+        self.streaming: StreamRoute | None = None
         self._probe = asyncio.Condition()
         self._probing = False
 
@@ -178,6 +184,8 @@ def _infrastructure_failure(error: object) -> bool:
 
 
 async def _process_file(ctx: RunContext, obj: AudioObject) -> tuple[dict[str, Any], Rows]:
+    if ctx.streaming is not None and obj.size > MAX_BATCH_BYTES:
+        return await _process_file(await ctx.streaming.context(), obj)
     logger = get_run_logger()
     key = {
         "file_id": obj.file_id,
@@ -210,8 +218,10 @@ async def _process_file(ctx: RunContext, obj: AudioObject) -> tuple[dict[str, An
                       f"accepted by {ctx.job.model}"), {}
     if ctx.breaker.open:
         return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
+    audio: bytes | None = None  # a streaming job reads S3 in ranges itself as it sends
     try:
-        audio = await read_object(ctx.s3_client, obj.bucket, obj.key)
+        if getattr(ctx.job, "reads_whole_file", True):
+            audio = await read_object(ctx.s3_client, obj.bucket, obj.key)
     except Exception as exc:  # noqa: BLE001 - any S3 failure fails this file, not the batch
         return finish(FAILED, exc, detail=f"could not read {obj.uri}: {type(exc).__name__}"), {}
 
@@ -238,7 +248,7 @@ class _Deferred(Exception):
 
 
 async def _call_with_policy(
-    ctx: RunContext, obj: AudioObject, audio: bytes, ledger: dict[str, Any]
+    ctx: RunContext, obj: AudioObject, audio: bytes | None, ledger: dict[str, Any]
 ) -> Any:
     started = time.monotonic()
     transient_attempts = 0

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from modulate import (
     BatchClient,
     Redaction,
+    RedactionMetadata,
     RedactionOptions,
     STTOptions,
     SVDResult,
@@ -32,6 +33,8 @@ __all__ = [
     "SyntheticVoiceJob",
     "TranscriptionJob",
     "config_hash",
+    "redacted_audio_key",
+    "redaction_rows",
 ]
 
 Rows = dict[str, list[dict[str, Any]]]
@@ -198,26 +201,35 @@ class RedactionJob:
         return await client.redact(audio, obj.filename, self.options)
 
     def audio_key(self, obj: AudioObject) -> str:
-        stem = obj.key.rsplit(".", 1)[0]
-        return f"{self.output_prefix.rstrip('/')}/{stem}.redacted.mp3"
+        return redacted_audio_key(self.output_prefix, obj.key)
 
     async def rows(self, result: Redaction, obj: AudioObject, key: dict[str, Any]) -> Rows:
         uri = await write_object(
             self.s3_client, self.output_bucket, self.audio_key(obj), result.audio, "audio/mpeg"
         )
-        meta = result.metadata
-        ranges = [{"start_ms": start, "end_ms": end} for start, end in meta.redaction_ranges]
-        return {
-            "transcripts": [_transcript_row(meta.text, meta.duration_ms, meta.utterances, key)],
-            "utterances": _utterance_rows(meta, key),
-            "redactions": [
-                {
-                    **key,
-                    "redacted_text": meta.text,
-                    "redaction_ranges": ranges,
-                    "redaction_count": len(ranges),
-                    "redacted_audio_uri": uri,
-                    "duration_ms": meta.duration_ms,
-                }
-            ],
-        }
+        return redaction_rows(result.metadata, uri, key)
+
+
+def redacted_audio_key(prefix: str, key: str) -> str:
+    """Where the redacted MP3 of input `key` goes (batch and streaming alike)."""
+    stem = key.rsplit(".", 1)[0]
+    return f"{prefix.rstrip('/')}/{stem}.redacted.mp3"
+
+
+def redaction_rows(meta: RedactionMetadata, uri: str, key: dict[str, Any]) -> Rows:
+    """The transcripts, utterances and redactions rows of one redacted file."""
+    ranges = [{"start_ms": start, "end_ms": end} for start, end in meta.redaction_ranges]
+    return {
+        "transcripts": [_transcript_row(meta.text, meta.duration_ms, meta.utterances, key)],
+        "utterances": _utterance_rows(meta, key),
+        "redactions": [
+            {
+                **key,
+                "redacted_text": meta.text,
+                "redaction_ranges": ranges,
+                "redaction_count": len(ranges),
+                "redacted_audio_uri": uri,
+                "duration_ms": meta.duration_ms,
+            }
+        ],
+    }

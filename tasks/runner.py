@@ -18,6 +18,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from prefect import tags
 from prefect.artifacts import (
     acreate_progress_artifact,
     acreate_table_artifact,
@@ -36,6 +37,7 @@ from tasks.batch import DEFERRED, FAILED, RunContext, RunStopped, process_chunk
 from tasks.jobs import BatchJob, config_hash
 from tasks.s3 import AudioObject, S3Input, iter_audio
 from tasks.slots import SlotPool
+from tasks.streaming import route_large_files
 
 __all__ = ["RunSettings", "RunSummary", "run_batch"]
 
@@ -122,7 +124,8 @@ async def run_batch(
         todo = _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done)
         stopped: BaseException | None = None
         try:
-            await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
+            async with route_large_files(ctx, credentials.streaming_client(), limits):
+                await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
         except* (AuthError, RunStopped) as group:
             stopped = group.exceptions[0]
 
@@ -181,18 +184,20 @@ async def _fan_out(
         finished += len(outcomes)
         await aupdate_progress_artifact(progress_id, 100.0 * finished / max(listed, 1))
 
-    async with asyncio.TaskGroup() as group:
-        chunk: list[AudioObject] = []
-        async for obj in objects:
-            listed += 1
-            chunk.append(obj)
-            if len(chunk) == chunk_size:
+    # The calling tasks carry the model and the limit they hold, for the UI's filters.
+    with tags(ctx.job.model, ctx.pool.name):
+        async with asyncio.TaskGroup() as group:
+            chunk: list[AudioObject] = []
+            async for obj in objects:
+                listed += 1
+                chunk.append(obj)
+                if len(chunk) == chunk_size:
+                    await in_flight.acquire()
+                    group.create_task(run_chunk(chunk))
+                    chunk = []
+            if chunk:
                 await in_flight.acquire()
                 group.create_task(run_chunk(chunk))
-                chunk = []
-        if chunk:
-            await in_flight.acquire()
-            group.create_task(run_chunk(chunk))
     await aupdate_progress_artifact(progress_id, 100.0)
 
 

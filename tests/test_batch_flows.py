@@ -196,3 +196,39 @@ async def test_bad_key_stops_the_run_naming_the_block(org_env) -> None:
     assert "Credentials block" in state.message and org_env.block in state.message
     assert "wrong-key-canary" not in state.message
     assert not (org_env.output / "files").exists()  # no file was marked failed
+
+
+async def test_s3_output_artifacts_and_tags(org_env) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from blocks import ParquetOutput
+    from tasks.output import read_table
+
+    org_env.services.upload("parquet-out", {})
+    output = ParquetOutput(
+        root="s3://parquet-out/tables", aws_credentials=org_env.services.aws_credentials()
+    )
+    await output.asave(org_env.block, overwrite=True)
+    org_env.services.upload(org_env.bucket, good_files(4))
+    state: State = await transcribe(
+        source=source(org_env), settings=settings(org_env), return_state=True
+    )
+    assert state.name == "Completed"
+    files = read_table(output.location(), "files").to_pandas()
+    assert list(files.status) == ["completed"] * 4
+
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["modulate-stt-summary"])),
+        )
+        mine = [a for a in artifacts if a.flow_run_id == state.state_details.flow_run_id]
+        assert mine and "files completed" in str(mine[0].data)
+        runs = await client.read_task_runs()
+        chunk_tags = {
+            tag
+            for run in runs
+            if run.flow_run_id == state.state_details.flow_run_id
+            for tag in run.tags
+        }
+    assert {"stt", f"modulate:{org_env.org}:stt"} <= chunk_tags

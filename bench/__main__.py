@@ -1,0 +1,32 @@
+"""`python -m bench [--files N] [--quick]`: run the benchmark and print the report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse arguments, then import Prefect (its settings are read at import time)."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--files", type=int, default=None, help="files (default 5000)")
+    parser.add_argument("--naive-files", type=int, default=None, help="files for baseline b")
+    parser.add_argument("--quick", action="store_true", help="200 files, baseline b on 50")
+    parser.add_argument("--chunk-size", type=int, default=None, help="our flow's chunk_size")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path")
+    args = parser.parse_args(argv)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from bench.run import DEFAULT_FILES, DEFAULT_NAIVE_FILES, QUICK, RESULTS, run_bench
+
+    files = args.files or (QUICK["files"] if args.quick else DEFAULT_FILES)
+    naive = args.naive_files or (QUICK["naive_files"] if args.quick else DEFAULT_NAIVE_FILES)
+    run_bench(files=files, naive_files=naive, chunk_size=args.chunk_size,
+              output=args.output or RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Turn the measured runs into ratios, PASS/FAIL per target, JSON and a rich table."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["machine", "targets", "print_report", "write_json"]
+
+# The marks DESIGN.md section 6 and issue 8 set; reported, never asserted in tests.
+MIN_OF_LIMIT = 0.90
+MIN_VS_PLAIN = 1.0
+MIN_VS_NAIVE = 2.0
+MAX_RSS_GROWTH_MB = 50.0
+MAX_CPU_MS_PER_FILE = 5.0
+
+
+def machine() -> dict[str, Any]:
+    """Cores, memory and versions of the machine the numbers come from."""
+    import os
+
+    import prefect
+
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        total_kb = int(meminfo.readline().split()[1])
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(total_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "prefect": prefect.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with its measured value and whether it holds."""
+    ours, concurrent = results["contenders"]["ours"], results["params"]["concurrent"]
+    ratios = results["ratios"]
+    rows = [
+        ("files/s of C/L", ratios["ours_of_limit"], f">= {MIN_OF_LIMIT}",
+         ratios["ours_of_limit"] >= MIN_OF_LIMIT),
+        ("vs plain script (a)", ratios["ours_vs_plain"], f">= {MIN_VS_PLAIN}x",
+         ratios["ours_vs_plain"] >= MIN_VS_PLAIN),
+        ("vs naive Prefect flow (b)", ratios["ours_vs_naive"], f">= {MIN_VS_NAIVE}x",
+         ratios["ours_vs_naive"] >= MIN_VS_NAIVE),
+        ("max in flight / concurrency rejections",
+         f"{ours['max_in_flight']} / {ours['rejections'].get('concurrency', 0)}",
+         f"<= {concurrent} / 0",
+         ours["max_in_flight"] <= concurrent and not ours["rejections"].get("concurrency")),
+        (f"RSS growth {results['params']['small_files']} -> {results['params']['files']} files",
+         results["rss_growth_mb"], f"<= {MAX_RSS_GROWTH_MB} MB",
+         results["rss_growth_mb"] <= MAX_RSS_GROWTH_MB),
+        ("CPU ms per file (our process)", ours["cpu_ms_per_file"], f"<= {MAX_CPU_MS_PER_FILE}",
+         ours["cpu_ms_per_file"] <= MAX_CPU_MS_PER_FILE),
+    ]
+    return [
+        {"target": name, "value": value, "mark": mark, "pass": bool(ok)}
+        for name, value, mark, ok in rows
+    ]
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def print_report(results: dict[str, Any], console: Console) -> None:
+    """One table of the contenders, one of the targets."""
+    params = results["params"]
+    table = Table(
+        title=f"N = {params['files']} one-second WAVs, C = {params['concurrent']}, "
+        f"L = {params['latency_s']} s, C/L = {params['limit_files_per_s']:.1f} files/s"
+    )
+    for column in ("contender", "files", "completed", "files/s", "of C/L", "max in flight",
+                   "rejections", "CPU ms/file", "peak RSS MB"):
+        table.add_column(column, justify="left" if column in ("contender", "rejections") else "right")
+    for name, run in results["contenders"].items():
+        rejections = ", ".join(f"{k} {v}" for k, v in run["rejections"].items()) or "none"
+        table.add_row(
+            name, str(run["files"]), str(run["completed"]), f"{run['files_per_s']:.2f}",
+            f"{run['of_limit']:.3f}", str(run["max_in_flight"]), rejections,
+            f"{run['cpu_ms_per_file']:.2f}", f"{run['peak_rss_mb']:.0f}",
+        )
+    console.print(table)
+    verdicts = Table(title="Targets")
+    for column in ("target", "value", "mark", "result"):
+        verdicts.add_column(column)
+    for row in results["targets"]:
+        value = row["value"]
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        verdicts.add_row(
+            row["target"], shown, row["mark"],
+            "[green]PASS[/green]" if row["pass"] else "[red]FAIL[/red]",
+        )
+    console.print(verdicts)

@@ -1,0 +1,149 @@
+"""Run every contender on the same files and report (the body of `python -m bench`).
+
+Order matters for memory: our flow runs first at the small size, then at the full
+size, before the baselines allocate anything, so its RSS growth is its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect.testing.utilities import prefect_test_harness
+from rich.console import Console
+
+from bench import contenders, report
+from bench.services import BenchServices, bench_files, start_services, upload
+
+__all__ = ["DEFAULT_FILES", "QUICK", "run_bench"]
+
+DEFAULT_FILES = 5_000
+DEFAULT_NAIVE_FILES = 300
+CONCURRENT = 25
+LATENCY_S = 0.5
+SMALL_FILES = 1_000
+QUICK = {"files": 200, "naive_files": 50}
+BUCKET = "bench-audio"
+PREFIX = "bench/"
+RESULTS = Path(__file__).parent / "results" / "latest.json"
+ORGS = ["ours-small", "ours", "plain", "naive"]
+
+
+def run_bench(
+    *,
+    files: int = DEFAULT_FILES,
+    naive_files: int = DEFAULT_NAIVE_FILES,
+    chunk_size: int | None = None,
+    output: Path = RESULTS,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Start the services and a Prefect test server, run the contenders, write the JSON."""
+    console = console or Console()
+    naive_files = min(naive_files, files)
+    small = min(SMALL_FILES, max(1, files // 5))
+    with start_services(ORGS, CONCURRENT) as services:
+        console.print(f"Uploading {files} files to moto ({services.local.s3_endpoint})")
+        upload(services, BUCKET, bench_files(files, PREFIX))
+        services.set_latency(LATENCY_S)
+        console.print("Starting a Prefect test server")
+        with prefect_test_harness(server_startup_timeout=120):
+            runs = asyncio.run(_run_all(services, files, small, naive_files, chunk_size, console))
+    results = _results(runs, files, small, naive_files, chunk_size)
+    report.write_json(results, output)
+    report.print_report(results, console)
+    console.print(f"JSON: {output}")
+    return results
+
+
+async def _run_all(
+    services: BenchServices,
+    files: int,
+    small: int,
+    naive_files: int,
+    chunk_size: int | None,
+    console: Console,
+) -> dict[str, dict[str, Any]]:
+    keys = [key for key, _ in _keys(files)]
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="modulate-bench-out-") as out:
+        for org, n in (("ours-small", small), ("ours", files)):
+            console.print(f"ours: transcribe flow on {n} files")
+            services.reset_stats()
+            with contenders.measure() as measured:
+                summary = await contenders.run_ours(
+                    services, org=org, bucket=BUCKET, prefix=PREFIX, files=n,
+                    output_root=f"{out}/{org}", concurrent=CONCURRENT, chunk_size=chunk_size,
+                )
+            runs[org] = _run(services, org, n, summary.files.get("completed", 0), measured)
+    console.print(f"plain: vendor-docs script on {files} files")
+    services.reset_stats()
+    with contenders.measure() as measured:
+        done = await contenders.run_plain(
+            services, org="plain", bucket=BUCKET, keys=keys, concurrent=CONCURRENT
+        )
+    runs["plain"] = _run(services, "plain", files, done, measured)
+    console.print(f"naive: one Prefect task per file on the first {naive_files} files")
+    services.reset_stats()
+    with contenders.measure() as measured:
+        done = await contenders.run_naive(
+            services, org="naive", bucket=BUCKET, keys=keys[:naive_files], concurrent=CONCURRENT
+        )
+    runs["naive"] = _run(services, "naive", naive_files, done, measured)
+    return runs
+
+
+def _keys(files: int) -> list[tuple[str, None]]:
+    # The same names bench_files() uploads, without making the audio again.
+    return [(f"{PREFIX}call-{i:05d}.wav", None) for i in range(files)]
+
+
+def _run(
+    services: BenchServices, org: str, files: int, completed: int, measured: contenders.Measured
+) -> dict[str, Any]:
+    stats = services.stats(org)
+    files_per_s = completed / measured.seconds if measured.seconds else 0.0
+    return {
+        "files": files,
+        "completed": completed,
+        "seconds": round(measured.seconds, 2),
+        "files_per_s": round(files_per_s, 3),
+        "of_limit": round(files_per_s / (CONCURRENT / LATENCY_S), 4),
+        "max_in_flight": stats["max_in_flight"],
+        "requests": stats["requests"],
+        "rejections": {k: v for k, v in stats["rejections"].items() if v},
+        "cpu_seconds": round(measured.cpu_seconds, 3),
+        "cpu_ms_per_file": round(1000 * measured.cpu_seconds / max(files, 1), 3),
+        "peak_rss_mb": round(measured.peak_rss_mb, 1),
+    }
+
+
+def _results(
+    runs: dict[str, dict[str, Any]], files: int, small: int, naive_files: int,
+    chunk_size: int | None,
+) -> dict[str, Any]:
+    ours = runs["ours"]
+    results: dict[str, Any] = {
+        "machine": report.machine(),
+        "params": {
+            "files": files,
+            "small_files": small,
+            "naive_files": naive_files,
+            "concurrent": CONCURRENT,
+            "latency_s": LATENCY_S,
+            "limit_files_per_s": CONCURRENT / LATENCY_S,
+            "chunk_size": chunk_size,
+            "services": "emulator and moto in subprocesses; CPU and RSS are the bench "
+            "process's own (our flow, or the baseline, plus the Prefect client)",
+        },
+        "contenders": runs,
+        "ratios": {
+            "ours_of_limit": ours["of_limit"],
+            "ours_vs_plain": round(ours["files_per_s"] / max(runs["plain"]["files_per_s"], 1e-9), 3),
+            "ours_vs_naive": round(ours["files_per_s"] / max(runs["naive"]["files_per_s"], 1e-9), 3),
+        },
+        "rss_growth_mb": round(ours["peak_rss_mb"] - runs["ours-small"]["peak_rss_mb"], 1),
+    }
+    results["targets"] = report.targets(results)
+    return results

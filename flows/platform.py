@@ -1,0 +1,232 @@
+"""Platform API jobs flow: S3 audio in groups of N files per job, submitted, polled, written.
+
+A rerun first re-attaches to the jobs an earlier run left open (recorded under the output
+root) and never posts again a file that belongs to a recorded job; it then sends what the
+ledger has not completed in new jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from prefect import flow
+from prefect.artifacts import acreate_table_artifact
+from prefect.context import get_run_context
+from prefect.logging import get_run_logger
+from prefect.states import Completed, State
+from prefect_aws import S3Bucket
+from pydantic import BaseModel, ConfigDict, Field
+
+from blocks import OrgLimits, ParquetOutput, PlatformCredentials
+from modulate import PlatformFlags
+from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
+from tasks import output
+from tasks.platform import (
+    MODEL,
+    JobFileRecord,
+    JobRecord,
+    PlatformRun,
+    PollSettings,
+    RunStopped,
+    load_records,
+    poll_job,
+    submit_job,
+)
+from tasks.s3 import AudioObject, S3Input, iter_audio
+from tasks.schemas import config_hash_for
+from tasks.slots import SlotPool
+
+__all__ = ["PlatformJobOptions", "PlatformSettings", "PlatformSummary", "platform_jobs"]
+
+FINISHED = frozenset({"completed", "skipped"})
+
+
+class PlatformJobOptions(BaseModel):
+    """How files are grouped into jobs, which analyses run, and how long to wait."""
+
+    model_config = ConfigDict(frozen=True)
+
+    files_per_job: int = Field(
+        default=10, ge=1, le=500, description="Files posted into one multi-file job."
+    )
+    flags: PlatformFlags = Field(
+        default_factory=PlatformFlags,
+        description="Analyses besides the transcript; each costs extra API calls.",
+    )
+    poll: PollSettings = Field(
+        default_factory=PollSettings, description="Status checks: backoff and per-job timeout."
+    )
+
+
+class PlatformSettings(BaseModel):
+    """Which blocks the run uses."""
+
+    model_config = ConfigDict(frozen=True)
+
+    platform_credentials_block: str = Field(
+        default="modulate", description="Name of the Modulate Platform Credentials block."
+    )
+    limits_block: str = Field(
+        default="modulate", description="Name of the Modulate Org Limits block ('platform')."
+    )
+    output_block: str = Field(
+        default="modulate", description="Name of the Modulate Parquet Output block."
+    )
+
+
+class PlatformSummary(BaseModel):
+    """What a run did, as its table artifact shows it."""
+
+    config_hash: str
+    files: dict[str, int] = Field(description="Files by ledger status.")
+    jobs: dict[str, int] = Field(description="Jobs by how they ended in this run.")
+    jobs_submitted: int
+    jobs_reattached: int
+    output_root: str
+
+
+@flow(name="modulate-platform-jobs", log_prints=False)
+async def platform_jobs(
+    source: S3Input = S3Input(),
+    # Frozen pydantic models (safe defaults; Prefect renders them in the run form).
+    options: PlatformJobOptions = PlatformJobOptions(),  # noqa: B008
+    settings: PlatformSettings = PlatformSettings(),  # noqa: B008
+) -> State:
+    """Send S3 audio (mp3, wav, opus; at most 5 MB each) to the Modulate Platform API in
+    multi-file jobs, wait for them, and write the platform_results and files tables.
+
+    Jobs left open by an earlier run (a crash, a poll timeout) are polled again, never
+    resubmitted. Posting holds the organisation's `platform` concurrent limit; waiting does not.
+    """
+    logger = get_run_logger()
+    bucket = await S3Bucket.aload(source.bucket_block)
+    s3_client = bucket.credentials.get_s3_client()
+    credentials = await PlatformCredentials.aload(settings.platform_credentials_block)
+    limits = await OrgLimits.aload(settings.limits_block)
+    location = (await ParquetOutput.aload(settings.output_block)).location()
+    config_hash = config_hash_for({"model": MODEL, "flags": options.flags.model_dump()})
+    records = await asyncio.to_thread(load_records, location, config_hash)
+    done = await asyncio.to_thread(output.read_ledger, location, MODEL, config_hash)
+    reopen = [r for r in records if not r.closed]
+    claimed = {f.file_id for r in records for f in r.files if f.posted}
+    claimed |= {f.file_id for r in reopen for f in r.files if f.error is None}
+    concurrent = limits.for_model(MODEL).concurrent
+    flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+
+    async with (
+        SlotPool(limits.limit_name(MODEL), fallback_limit=concurrent) as pool,
+        credentials.platform_client() as client,
+    ):
+        run = PlatformRun(
+            client=client, pool=pool, flags=options.flags, config_hash=config_hash,
+            s3_client=s3_client, location=location, flow_run_id=flow_run_id,
+        )
+        submitted = 0
+        # Jobs still posting hold their audio in memory; bound them. Polling ones hold nothing.
+        posting = asyncio.Semaphore(max(1, concurrent))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for record in reopen:
+                    logger.info("re-attaching to job %s", record.job_id)
+                    group.create_task(_drive(run, record, options.poll, posting))
+                listed = iter_audio(s3_client, bucket.bucket_name, source)
+                async for files in _groups(run, listed, done, claimed, options.files_per_job):
+                    submitted += 1
+                    record = JobRecord(config_hash=config_hash, files=files)
+                    group.create_task(_drive(run, record, options.poll, posting))
+        except* RunStopped as stopped:
+            raise RuntimeError(
+                f"The Platform API refused the credentials ({stopped.exceptions[0]}). Set a "
+                "valid account UUID and API key in the Modulate Platform Credentials block "
+                f"{settings.platform_credentials_block!r}."
+            ) from None
+
+    for table, date in sorted(run.touched):
+        await asyncio.to_thread(output.compact, location, table, MODEL, [date])
+    summary = PlatformSummary(
+        config_hash=config_hash, files=dict(run.statuses), jobs=dict(run.jobs),
+        jobs_submitted=submitted, jobs_reattached=len(reopen), output_root=location.root,
+    )
+    await acreate_table_artifact(
+        table=[{"measure": k, "value": v} for k, v in _summary_lines(summary)],
+        key="modulate-platform-summary",
+        description="Modulate Platform run: files by status, jobs by outcome, output.",
+    )
+    logger.info("platform run: files %s; jobs %s", summary.files, summary.jobs)
+    return _final_state(summary)
+
+
+async def _drive(
+    run: PlatformRun, record: JobRecord, poll: PollSettings, posting: asyncio.Semaphore
+) -> None:
+    """One job from wherever it stands: post what is left, then wait for it (no slot held)."""
+    if not record.finalized:
+        async with posting:
+            record = await submit_job(run, record)
+    if record.job_id is not None and record.finalized and not record.closed:
+        await poll_job(run, record, poll)
+
+
+async def _groups(
+    run: PlatformRun,
+    objects: AsyncIterator[AudioObject],
+    done: dict[str, str],
+    claimed: set[str],
+    size: int,
+) -> AsyncIterator[list[JobFileRecord]]:
+    """Files to send, `size` at a time; files the service would refuse get their row here."""
+    group: list[JobFileRecord] = []
+    refused: list[dict[str, object]] = []
+    async for obj in objects:
+        if done.get(obj.file_id) in FINISHED or obj.file_id in claimed:
+            continue
+        f = JobFileRecord(
+            file_id=obj.file_id, source_uri=obj.uri, etag=obj.etag, size_bytes=obj.size,
+            date=obj.date, filename=obj.filename,
+        )
+        extension = obj.filename.rsplit(".", 1)[-1].lower() if "." in obj.filename else ""
+        if extension not in PLATFORM_EXTENSIONS:
+            detail = f"extension {extension or '(none)'!r} is not accepted by the Platform API"
+            refused.append(run.ledger_row(f, "skipped", detail=detail))
+        elif obj.size > MAX_PLATFORM_BYTES:
+            detail = (f"the file is {obj.size} bytes, over the Platform API's 5 MB limit "
+                      f"({MAX_PLATFORM_BYTES} bytes); split it or use the batch flows")
+            refused.append(run.ledger_row(f, "failed", error="BadInput", detail=detail))
+        elif obj.size == 0:
+            refused.append(run.ledger_row(f, "failed", error="BadInput", detail="empty file"))
+        else:
+            group.append(f)
+            if len(group) == size:
+                yield group
+                group = []
+    if group:
+        yield group
+    seed = "refused:" + ",".join(sorted(str(row["file_id"]) for row in refused))
+    await asyncio.to_thread(run.write, "files", refused, seed)
+
+
+def _summary_lines(summary: PlatformSummary) -> list[tuple[str, object]]:
+    lines: list[tuple[str, object]] = [(f"files {k}", v) for k, v in sorted(summary.files.items())]
+    lines += [(f"jobs {k}", v) for k, v in sorted(summary.jobs.items())]
+    lines += [
+        ("jobs submitted", summary.jobs_submitted),
+        ("jobs re-attached", summary.jobs_reattached),
+        ("config hash", summary.config_hash),
+        ("output", summary.output_root),
+    ]
+    return lines
+
+
+def _final_state(summary: PlatformSummary) -> State:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.files.items())) or "no files"
+    waiting = summary.jobs.get("timeout", 0)
+    if waiting:
+        counts += f"; {waiting} jobs still processing: rerun to re-attach to them"
+    if summary.files.get("failed") or summary.files.get("deferred_quota"):
+        return Completed(
+            name="Completed with failures",
+            message=f"{counts}; the files table says why each failed.",
+            data=summary,
+        )
+    return Completed(message=counts, data=summary)

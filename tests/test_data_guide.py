@@ -1,0 +1,89 @@
+"""docs/data.md stays true: its column tables match tasks/schemas.py and its examples run.
+
+The examples run against Parquet from a real transcription and synthetic-voice run (moto S3,
+the emulator, real Prefect), with `ROOT` pointing at the output directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from flows import detect_synthetic_voice, transcribe
+from modulate import RetryPolicy
+from modulate_flows.samples import bad_files, speech_wav
+from tasks import runner
+from tasks.runner import RunSettings
+from tasks.s3 import S3Input
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+CODE_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+GOOD_FILES = 5
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_schema_docs", DOCS / "gen_schema_docs.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snippets() -> list[str]:
+    return CODE_BLOCK.findall((DOCS / "data.md").read_text())
+
+
+def test_column_tables_are_up_to_date() -> None:
+    generator = load_generator()
+    text = (DOCS / "data.md").read_text()
+    assert generator.update(text) == text, "run: uv run python docs/gen_schema_docs.py"
+
+
+def test_every_table_and_column_is_documented() -> None:
+    from tasks.schemas import TABLES
+
+    text = (DOCS / "data.md").read_text()
+    for name, (schema, _) in TABLES.items():
+        section = text.split(f"### `{name}`\n", 1)[1].split("\n### ", 1)[0]
+        for field in schema:
+            assert f"| `{field.name}` |" in section, (name, field.name)
+
+
+async def test_examples_run_on_real_output(org_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "DEFAULT_POLICY", RetryPolicy.for_tests())
+    files = {f"calls/call-{i:02d}.wav": speech_wav(2.0, seed=i) for i in range(GOOD_FILES)}
+    files |= {key: data for key, (data, _) in bad_files().items() if key.endswith("corrupt.wav")}
+    org_env.services.upload(org_env.bucket, files)
+    source = S3Input(bucket_block=org_env.block, prefix="calls/")
+    settings = RunSettings(
+        credentials_block=org_env.block, limits_block=org_env.block, output_block=org_env.block
+    )
+    stt = await transcribe(source=source, settings=settings, return_state=True)
+    svd = await detect_synthetic_voice(source=source, settings=settings, return_state=True)
+    assert stt.name == svd.name == "Completed with failures"  # the corrupt file
+
+    blocks = snippets()
+    assert [("pandas" in b, "duckdb" in b, "polars" in b) for b in blocks] == [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+    ]
+    results: dict[str, Any] = {}
+    for code in blocks:
+        namespace: dict[str, Any] = {"ROOT": str(org_env.output)}
+        exec(compile(code, "docs/data.md", "exec"), namespace)  # noqa: S102 - the doc's own code
+        results.update(namespace)
+
+    assert len(results["named"]) == GOOD_FILES
+    assert results["talk"].sum() > 0
+    failures = results["failures"]
+    assert set(failures.error_class) == {"BadInput"} and failures.n.sum() == 2  # stt and svd
+    latest = results["latest"]
+    assert len(latest) == (GOOD_FILES + 1) * 2
+    assert results["summary"]["files"].sum() == GOOD_FILES
+    assert len(results["words"]) == GOOD_FILES and (results["words"]["words"] > 0).all()
