@@ -11,10 +11,10 @@ import fnmatch
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["AudioObject", "S3Input", "iter_audio", "read_object", "write_object"]
 
@@ -41,6 +41,14 @@ class S3Input(BaseModel):
     max_files: int | None = Field(
         default=None, ge=1, description="Stop after this many matching objects."
     )
+
+    @field_validator("modified_since")
+    @classmethod
+    def _utc_when_naive(cls, value: datetime | None) -> datetime | None:
+        # S3 times are UTC-aware; a time typed into the UI form may not be.
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
 
 @dataclass(frozen=True)

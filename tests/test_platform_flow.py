@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from prefect.settings import PREFECT_API_URL
 from prefect.states import State
+from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from blocks import PlatformCredentials
@@ -31,7 +32,8 @@ from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
 from tasks.output import OutputLocation
 from tasks.platform import JobFileRecord, JobRecord, PollSettings, load_records, save_record
-from tasks.s3 import S3Input
+from tasks.s3 import AudioObject, S3Input
+from tasks.schemas import config_hash_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_POLL = PollSettings(initial_interval_s=0.05, max_interval_s=0.2, job_timeout_s=20)
@@ -39,7 +41,8 @@ FLAGS = PlatformFlags(emotion_annotation=True, demographics=True, synthetic_voic
 CHILD = """
 import asyncio, json, sys
 from flows.platform import PlatformJobOptions, PlatformSettings, platform_jobs
-from tasks.s3 import S3Input
+from tasks.s3 import AudioObject, S3Input
+from tasks.schemas import config_hash_for
 args = json.loads(sys.argv[1])
 asyncio.run(platform_jobs(
     source=S3Input.model_validate(args["source"]),
@@ -102,7 +105,7 @@ def ledger(env) -> pd.DataFrame:
 
 def records(env) -> list[JobRecord]:
     location = OutputLocation(root=str(env.output))
-    return [r for r in load_records(location, ledger(env).config_hash.iloc[0])]
+    return load_records(location, ledger(env).config_hash.iloc[0])
 
 
 async def test_multi_file_jobs_complete_with_every_result(org_env, emulator) -> None:
@@ -244,8 +247,6 @@ async def test_five_mb_limit_and_unknown_job(org_env, emulator) -> None:
     location = OutputLocation(root=str(org_env.output))
     hash_ = _config_hash()
     gone = org_env.services.s3_client().head_object(Bucket=org_env.bucket, Key="in/gone.wav")
-    from tasks.s3 import AudioObject
-
     obj = AudioObject(org_env.bucket, "in/gone.wav", 1, gone["ETag"].strip('"'),
                       gone["LastModified"])
     save_record(location, JobRecord(
@@ -270,14 +271,10 @@ async def test_five_mb_limit_and_unknown_job(org_env, emulator) -> None:
 
 
 def _config_hash() -> str:
-    from tasks.schemas import config_hash_for
-
     return config_hash_for({"model": "platform", "flags": FLAGS.model_dump()})
 
 
 def test_realtime_command_prints_a_redacted_url(prefect_server, services) -> None:
-    from pydantic import SecretStr
-
     PlatformCredentials(
         account_uuid="00000000-0000-4000-8000-000000000000",
         api_key=SecretStr("platform-key-org0"),

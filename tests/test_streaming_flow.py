@@ -137,7 +137,21 @@ async def test_undecodable_audio_fails_only_that_file(org_env, flow, code) -> No
     assert f"close code {code}" in by_name["corrupt.wav"].error_detail
 
 
-async def test_stream_auth_failure_stops_the_run(org_env) -> None:
+@pytest.fixture
+def detail_family(org_env):
+    """Switch the emulator's detail strings for one test; back to "2026" after."""
+    url = f"{org_env.services.emulator_url}/_emulator/config"
+
+    def switch(family: str) -> None:
+        httpx.patch(url, json={"detail_family": family}).raise_for_status()
+
+    yield switch
+    switch("2026")
+
+
+@pytest.mark.parametrize("family", ["2026", "legacy"])
+async def test_stream_auth_failure_stops_the_run(org_env, detail_family, family) -> None:
+    detail_family(family)  # legacy: 4001; 2026: 4003 "This request is not permitted."
     await ModulateCredentials(
         api_key=SecretStr("wrong-key-canary"), base_url=org_env.services.emulator_url
     ).asave(org_env.block, overwrite=True)
@@ -146,16 +160,29 @@ async def test_stream_auth_failure_stops_the_run(org_env) -> None:
         source=source(org_env), settings=settings(org_env), return_state=True
     )
     assert state.is_failed()
-    # 2026 servers close an unknown key with 4003, which also means "model not enabled"
-    # (API_CONTRACT.md 0.2.5): either way the message names the credentials block to fix.
+    # 4003 also means "model not enabled" (API_CONTRACT.md 0.2.5): either message names
+    # the credentials block to fix.
     assert f"block {org_env.block!r}" in state.message
     assert "wrong-key-canary" not in state.message
     assert not (org_env.output / "files").exists()
 
 
 async def test_a_stream_holds_a_slot_of_its_streaming_model(org_env) -> None:
-    # Locally we believe in 4 streams; the service allows 1: handshakes are refused with
-    # 4029 (STT) and retried until each file gets its turn.
+    limits = await OrgLimits.aload(org_env.block)
+    limits.models["stt-streaming"] = ModelLimit(concurrent=2)
+    await limits.asave(org_env.block, overwrite=True)
+    org_env.set_model("stt-streaming", concurrent=2)
+    org_env.services.upload(org_env.bucket, good_files(6, seconds=4.0))
+    summary = await stream_transcribe(source=source(org_env), settings=settings(org_env))
+    assert summary.files == {"completed": 6} and summary.rejections == {}
+    assert org_env.stats("stt-streaming")["max_in_flight"] <= 2
+    assert org_env.stats("stt")["requests"] == 0
+
+
+async def test_a_4029_concurrency_close_is_waited_out(org_env, detail_family) -> None:
+    # Locally we believe in 4 streams, the service allows 1: handshakes closed with 4029
+    # "Concurrent connection limit exceeded." are retried until each file gets its turn.
+    detail_family("legacy")
     limits = await OrgLimits.aload(org_env.block)
     limits.models["stt-streaming"] = ModelLimit(concurrent=4)
     await limits.asave(org_env.block, overwrite=True)
@@ -163,9 +190,8 @@ async def test_a_stream_holds_a_slot_of_its_streaming_model(org_env) -> None:
     org_env.services.upload(org_env.bucket, good_files(6, seconds=4.0))
     summary = await stream_transcribe(source=source(org_env), settings=settings(org_env))
     assert summary.files == {"completed": 6}
-    stats = org_env.stats("stt-streaming")
-    assert stats["max_in_flight"] == 1
-    assert org_env.stats("stt")["requests"] == 0
+    assert summary.rejections.get("ConcurrencyLimited", 0) >= 1
+    assert org_env.stats("stt-streaming")["max_in_flight"] == 1
 
 
 async def test_streaming_monthly_limit_defers(org_env) -> None:
