@@ -98,7 +98,7 @@ class PeakSampler:
             self.peak = max(self.peak, rss_bytes())
 
 
-async def _measure(services: Any, output: Path) -> dict[str, Any]:
+async def _measure(services: Any, output: Path, input_bytes: int) -> dict[str, Any]:
     from blocks import ModelLimit
     from flows import stream_redact_pii, transcribe
     from modulate_flows.local import save_blocks
@@ -114,7 +114,7 @@ async def _measure(services: Any, output: Path) -> dict[str, Any]:
     )
     s3 = services.local.s3_client()
     services.local.upload(bucket, {"warm/small.wav": speech_wav(3.0, seed=1)})
-    upload_long_wav(s3, bucket, "big/call.wav", INPUT_BYTES, speech_wav(1.0, seed=2)[44:])
+    upload_long_wav(s3, bucket, "big/call.wav", input_bytes, speech_wav(1.0, seed=2)[44:])
     settings = RunSettings(credentials_block=ORG, limits_block=ORG, output_block=ORG)
     runs: list[tuple[str, Callable[..., Any]]] = [
         ("modulate-transcribe (routed to stt-streaming)", transcribe),
@@ -123,7 +123,7 @@ async def _measure(services: Any, output: Path) -> dict[str, Any]:
     startup = rss_bytes()
     for _, run in runs:  # warm-up: Prefect's engine and our code paths, on a 3 s file
         await run(source=S3Input(bucket_block=ORG, prefix="warm/"), settings=settings)
-    results: dict[str, Any] = {"input_bytes": INPUT_BYTES, "budget_bytes": BUDGET_BYTES,
+    results: dict[str, Any] = {"input_bytes": input_bytes, "budget_bytes": BUDGET_BYTES,
                                "rss_after_startup_bytes": startup, "flows": []}
     for name, run in runs:
         baseline = rss_bytes()
@@ -144,7 +144,11 @@ async def _measure(services: Any, output: Path) -> dict[str, Any]:
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement; `--input-mib N` changes the input size (to show it stays flat)."""
+    args = sys.argv[1:] if argv is None else argv
+    input_bytes = int(args[args.index("--input-mib") + 1]) * MiB if "--input-mib" in args else (
+        INPUT_BYTES)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
     import tempfile
@@ -158,9 +162,9 @@ def main() -> int:
         prefect_test_harness(server_startup_timeout=120),
         tempfile.TemporaryDirectory(prefix="stream-memory-") as tmp,
     ):
-        results = asyncio.run(_measure(services, Path(tmp) / "out"))
+        results = asyncio.run(_measure(services, Path(tmp) / "out", input_bytes))
     over = False
-    print(f"input {INPUT_BYTES / MiB:.0f} MiB; budget {BUDGET_BYTES / MiB:.0f} MiB above "
+    print(f"input {input_bytes / MiB:.0f} MiB; budget {BUDGET_BYTES / MiB:.0f} MiB above "
           f"baseline; RSS after start-up {results['rss_after_startup_bytes'] / MiB:.1f} MiB")
     print(f"{'flow':48} {'s':>6} {'baseline':>9} {'peak':>9} {'diff':>8} {'ratio':>6}  files")
     for row in results["flows"]:

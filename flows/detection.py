@@ -21,5 +21,9 @@ async def detect_synthetic_voice(
 
     Each file gets 4-second frames with a verdict and a confidence, and one summary
     row (synthetic if any frame with content is). Files under 0.5 s fail as too short.
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await run_batch(lambda s3, bucket: SyntheticVoiceJob(), source, settings)

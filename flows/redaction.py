@@ -28,6 +28,12 @@ async def redact_pii(
     """Redact PII/PHI from S3 audio: redacted MP3s to S3, text and ranges to the redactions table.
 
     A redacted file lands at <audio_output_prefix>/<original key without extension>.redacted.mp3.
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        options: Speaker diarization, redaction padding and a language hint.
+        audio_output_prefix: Prefix in the input bucket for the redacted MP3s.
+        settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await run_batch(
         lambda s3, bucket: RedactionJob(

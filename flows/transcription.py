@@ -23,6 +23,12 @@ async def transcribe(
 
     Files already completed with the same options are skipped; failed and deferred ones
     are sent again. The run holds the organisation's concurrent limit for the `stt` model.
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        options: Speaker diarization, emotion/accent/deepfake signals, PII/PHI tagging,
+            a language hint and custom terms.
+        settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await run_batch(lambda s3, bucket: TranscriptionJob(options), source, settings)
 
@@ -32,5 +38,10 @@ async def transcribe_english_fast(
     source: S3Input = S3Input(),
     settings: RunSettings = RunSettings(),
 ) -> State:
-    """Transcribe English S3 audio with Velma-2 English VFast (text only, no utterances)."""
+    """Transcribe English S3 audio with Velma-2 English VFast (text only, no utterances).
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        settings: The credentials, org-limits and output block names, and the chunk size.
+    """
     return await run_batch(lambda s3, bucket: EnglishFastJob(), source, settings)

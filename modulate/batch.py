@@ -1,21 +1,18 @@
 """Async client for the four Velma-2 batch endpoints (STT, English VFast, SVD, PII redaction).
 
-Requests are built by pure `_build_*()` functions and sent by one `_send()` that routes every
-failure through `classify()`. No retry loop here: retries live in `modulate.limits`.
+Requests are built by pure `_build_*()` functions and sent by the one `_send()` (in `_http.py`,
+shared with the Platform client) that routes every failure through `classify()`. No retry loop here: retries live in `modulate.limits`.
 """
 
 from __future__ import annotations
 
-import enum
 import json
-import logging
 import struct
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ._constants import (
@@ -27,7 +24,8 @@ from ._constants import (
     SVD_EXTENSIONS,
     SVD_MIN_DURATION_MS,
 )
-from .errors import BadInput, Transient, classify
+from ._http import _BaseHTTPClient, _json_parser
+from .errors import BadInput
 from .models import Redaction, RedactionMetadata, SVDResult, Transcript, VFastTranscript
 
 __all__ = [
@@ -38,16 +36,12 @@ __all__ = [
     "wav_duration_ms",
 ]
 
-logger = logging.getLogger(__name__)
-
 PATHS: dict[str, str] = {
     "stt": "/api/velma-2-stt-batch",
     "vfast": "/api/velma-2-stt-batch-english-vfast",
     "svd": "/api/velma-2-synthetic-voice-detection-batch",
     "pii": "/api/velma-2-pii-phi-redaction-batch",
 }
-_T = TypeVar("_T")
-_M = TypeVar("_M", bound=BaseModel)
 
 
 class CustomTerm(BaseModel):
@@ -91,13 +85,7 @@ _DEFAULT_STT = STTOptions()
 _DEFAULT_REDACTION = RedactionOptions()
 
 
-class _State(enum.Enum):
-    UNOPENED = 1
-    OPENED = 2
-    CLOSED = 3
-
-
-class BatchClient:
+class BatchClient(_BaseHTTPClient):
     """Async client for the Velma-2 batch endpoints; use as `async with BatchClient(...) as c:`."""
 
     def __init__(
@@ -108,36 +96,9 @@ class BatchClient:
         timeout: httpx.Timeout = DEFAULT_BATCH_TIMEOUT,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        if not isinstance(api_key, SecretStr) or not api_key.get_secret_value():
-            raise ValueError("api_key must be a non-empty pydantic SecretStr")
-        self._api_key = api_key
-        self._base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._owns_client = http_client is None
-        self._client = http_client if http_client is not None else httpx.AsyncClient()
-        self._state = _State.UNOPENED
-
-    async def __aenter__(self) -> BatchClient:
-        if self._state is not _State.UNOPENED:
-            raise RuntimeError("a BatchClient can be opened once only")
-        self._state = _State.OPENED
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the client (and its connection pool, if it made it)."""
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
-        if self._owns_client:
-            await self._client.aclose()
+        super().__init__(
+            api_key=api_key, base_url=base_url, timeout=timeout, http_client=http_client
+        )
 
     async def transcribe(
         self, audio: bytes, filename: str, options: STTOptions = _DEFAULT_STT
@@ -168,42 +129,6 @@ class BatchClient:
         """Redacted text, ranges and MP3 (POST /api/velma-2-pii-phi-redaction-batch)."""
         request = _build_pii(self._base_url, self._api_key, audio, filename, options)
         return await self._send("pii", request, _parse_redaction)
-
-    async def _send(
-        self, endpoint: str, request: httpx.Request, parse: Callable[[httpx.Response], _T]
-    ) -> _T:
-        if self._state is _State.CLOSED:
-            raise RuntimeError("Cannot send a request, as the BatchClient has been closed.")
-        request.extensions["timeout"] = self._timeout.as_dict()
-        try:
-            response = await self._client.send(request)
-        except httpx.HTTPError as exc:
-            error = classify(endpoint=endpoint, exc=exc)
-            logger.debug("%s: %s", endpoint, type(error).__name__)
-            raise error from exc
-        try:
-            if not response.is_success:
-                error = classify(
-                    endpoint=endpoint,
-                    status=response.status_code,
-                    detail=_error_detail(response),
-                    headers=response.headers,
-                )
-                logger.debug(
-                    "%s: HTTP %s -> %s", endpoint, response.status_code, type(error).__name__
-                )
-                raise error
-            try:
-                return parse(response)
-            except (ValueError, ValidationError, KeyError) as exc:
-                raise Transient(
-                    f"{endpoint}: unexpected response body ({type(exc).__name__})",
-                    endpoint=endpoint,
-                    status=response.status_code,
-                    detail="unexpected response body",
-                ) from None
-        finally:
-            await response.aclose()
 
 
 def wav_duration_ms(data: bytes) -> int | None:
@@ -338,22 +263,6 @@ def _bool(value: bool) -> str:
 
 
 # --- response parsing -------------------------------------------------------------------------
-
-
-def _error_detail(response: httpx.Response) -> Any:
-    """The JSON `detail` of an error response; never the raw body (it could hold a transcript)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body.get("detail") if isinstance(body, dict) else None
-
-
-def _json_parser(model: type[_M]) -> Callable[[httpx.Response], _M]:
-    def parse(response: httpx.Response) -> _M:
-        return model.model_validate(response.json())
-
-    return parse
 
 
 def _parse_redaction(response: httpx.Response) -> Redaction:

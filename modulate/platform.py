@@ -7,14 +7,11 @@ field names live in `_platform_wire.py`.
 from __future__ import annotations
 
 import base64
-import enum
-import logging
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from . import _platform_wire as wire
 from ._constants import (
@@ -23,14 +20,13 @@ from ._constants import (
     MAX_PLATFORM_BYTES,
     PLATFORM_EXTENSIONS,
 )
-from .errors import BadInput, Transient, classify
+from ._http import _BaseHTTPClient, _check_api_key, _json_parser
+from .errors import BadInput
 from .models import JobStatus, RealtimeSession, Submission
 
 __all__ = ["PlatformClient", "PlatformFlags"]
 
-logger = logging.getLogger(__name__)
 ENDPOINT = "platform"
-_M = TypeVar("_M", bound=BaseModel)
 
 
 class PlatformFlags(BaseModel):
@@ -47,13 +43,7 @@ class PlatformFlags(BaseModel):
         return {name: True for name in wire.FLAG_NAMES if getattr(self, name)}
 
 
-class _State(enum.Enum):
-    UNOPENED = 1
-    OPENED = 2
-    CLOSED = 3
-
-
-class PlatformClient:
+class PlatformClient(_BaseHTTPClient):
     """Client for `cloud-processing-api.modulate.ai`; use as `async with PlatformClient(...)`."""
 
     def __init__(
@@ -65,38 +55,13 @@ class PlatformClient:
         timeout: httpx.Timeout = DEFAULT_PLATFORM_TIMEOUT,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        if not isinstance(api_key, SecretStr) or not api_key.get_secret_value():
-            raise ValueError("api_key must be a non-empty pydantic SecretStr")
         if not account_uuid:
+            _check_api_key(api_key)  # a bad key is still reported first
             raise ValueError("account_uuid is required")
+        super().__init__(
+            api_key=api_key, base_url=base_url, timeout=timeout, http_client=http_client
+        )
         self._account_uuid = account_uuid
-        self._api_key = api_key
-        self._base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._owns_client = http_client is None
-        self._client = http_client if http_client is not None else httpx.AsyncClient()
-        self._state = _State.UNOPENED
-
-    async def __aenter__(self) -> PlatformClient:
-        if self._state is not _State.UNOPENED:
-            raise RuntimeError("a PlatformClient can be opened once only")
-        self._state = _State.OPENED
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
-        if self._owns_client:
-            await self._client.aclose()
 
     async def submit_file(
         self,
@@ -112,55 +77,25 @@ class PlatformClient:
         request = _build_submit(
             self._base_url, self._headers(), audio, filename, flags, job_id, finalize
         )
-        return await self._send(request, Submission)
+        return await self._send(ENDPOINT, request, _json_parser(Submission))
 
     async def create_realtime_session(self, flags: PlatformFlags) -> RealtimeSession:
         """Create a realtime job; its `realtime_url` is for the Pipecat client SDK."""
         request = _build_realtime(self._base_url, self._headers(), flags)
-        return await self._send(request, RealtimeSession)
+        return await self._send(ENDPOINT, request, _json_parser(RealtimeSession))
 
     async def job_status(self, job_id: str) -> JobStatus:
         """Status of a job and of each of its files."""
         if not job_id:
             raise ValueError("job_id is required")
         request = _build_job_status(self._base_url, self._headers(), job_id)
-        return await self._send(request, JobStatus)
+        return await self._send(ENDPOINT, request, _json_parser(JobStatus))
 
     def _headers(self) -> dict[str, str]:
         return {
             wire.HEADER_ACCOUNT: self._account_uuid,
             wire.HEADER_KEY: self._api_key.get_secret_value(),
         }
-
-    async def _send(self, request: httpx.Request, model: type[_M]) -> _M:
-        if self._state is _State.CLOSED:
-            raise RuntimeError("Cannot send a request, as the PlatformClient has been closed.")
-        request.extensions["timeout"] = self._timeout.as_dict()
-        try:
-            response = await self._client.send(request)
-        except httpx.HTTPError as exc:
-            raise classify(endpoint=ENDPOINT, exc=exc) from exc
-        try:
-            if not response.is_success:
-                error = classify(
-                    endpoint=ENDPOINT,
-                    status=response.status_code,
-                    detail=_error_detail(response),
-                    headers=response.headers,
-                )
-                logger.debug("platform: HTTP %s -> %s", response.status_code, type(error).__name__)
-                raise error
-            try:
-                return model.model_validate(response.json())
-            except (ValueError, ValidationError) as exc:
-                raise Transient(
-                    f"platform: unexpected response body ({type(exc).__name__})",
-                    endpoint=ENDPOINT,
-                    status=response.status_code,
-                    detail="unexpected response body",
-                ) from None
-        finally:
-            await response.aclose()
 
 
 def _build_submit(
@@ -222,11 +157,3 @@ def _precheck(audio: bytes, filename: str) -> str:
             "unsupported file format",
         )
     return ext
-
-
-def _error_detail(response: httpx.Response) -> Any:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body.get("detail") if isinstance(body, dict) else None

@@ -372,8 +372,11 @@ async def _post(
                     error = exc
             if not isinstance(error, ConcurrencyLimited):
                 transient += 1
-            decision = decide(run.policy, error, transient, time.monotonic() - started, run.rng)
-            if isinstance(decision, GiveUp):
+            elapsed = time.monotonic() - started
+            decision = decide(run.policy, error, transient, elapsed, run.rng)
+            # decide() retries "too many at once" without end (a batch run has a breaker for
+            # that); here the policy's total budget bounds it too.
+            if isinstance(decision, GiveUp) or elapsed > run.policy.max_total_s:
                 raise error
             await asyncio.sleep(decision.wait)
     finally:

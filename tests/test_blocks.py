@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
@@ -49,8 +51,6 @@ def test_register_creates_the_block_types(prefect_server: None) -> None:
                 (await client.read_block_type_by_slug(b.get_block_type_slug())).slug
                 for b in [*BLOCKS, S3Bucket]
             }
-
-    import asyncio
 
     assert asyncio.run(slugs()) == {b.get_block_type_slug() for b in [*BLOCKS, S3Bucket]}
 

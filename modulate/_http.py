@@ -1,0 +1,133 @@
+"""Private base of `BatchClient` and `PlatformClient`, shaped like httpx's `BaseClient`.
+
+It holds the `async with` lifecycle (a state enum that refuses reuse after close, like httpx
+`ClientState`) and the one `_send()` that does I/O: every failure goes through `classify()` and
+the response is closed on any exception. Subclasses only build requests and pick a parser.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from .errors import Transient, classify
+
+__all__: list[str] = []
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class _State(enum.Enum):
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+class _BaseHTTPClient:
+    """Lifecycle and `_send()` shared by the HTTP clients; not public API."""
+
+    def __init__(
+        self,
+        *,
+        api_key: SecretStr,
+        base_url: str,
+        timeout: httpx.Timeout,
+        http_client: httpx.AsyncClient | None,
+    ) -> None:
+        _check_api_key(api_key)
+        self._api_key = api_key
+        self._base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self._owns_client = http_client is None
+        self._client = http_client if http_client is not None else httpx.AsyncClient()
+        self._state = _State.UNOPENED
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.UNOPENED:
+            raise RuntimeError(f"a {type(self).__name__} can be opened once only")
+        self._state = _State.OPENED
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client (and its connection pool, if it made it)."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def _send(
+        self, endpoint: str, request: httpx.Request, parse: Callable[[httpx.Response], _T]
+    ) -> _T:
+        if self._state is _State.CLOSED:
+            raise RuntimeError(
+                f"Cannot send a request, as the {type(self).__name__} has been closed."
+            )
+        request.extensions["timeout"] = self._timeout.as_dict()
+        try:
+            response = await self._client.send(request)
+        except httpx.HTTPError as exc:
+            error = classify(endpoint=endpoint, exc=exc)
+            logger.debug("%s: %s", endpoint, type(error).__name__)
+            raise error from exc
+        try:
+            if not response.is_success:
+                error = classify(
+                    endpoint=endpoint,
+                    status=response.status_code,
+                    detail=_error_detail(response),
+                    headers=response.headers,
+                )
+                logger.debug(
+                    "%s: HTTP %s -> %s", endpoint, response.status_code, type(error).__name__
+                )
+                raise error
+            try:
+                return parse(response)
+            except (ValueError, ValidationError, KeyError) as exc:
+                raise Transient(
+                    f"{endpoint}: unexpected response body ({type(exc).__name__})",
+                    endpoint=endpoint,
+                    status=response.status_code,
+                    detail="unexpected response body",
+                ) from None
+        finally:
+            await response.aclose()
+
+
+def _check_api_key(api_key: SecretStr) -> None:
+    if not isinstance(api_key, SecretStr) or not api_key.get_secret_value():
+        raise ValueError("api_key must be a non-empty pydantic SecretStr")
+
+
+def _json_parser(model: type[_M]) -> Callable[[httpx.Response], _M]:
+    def parse(response: httpx.Response) -> _M:
+        return model.model_validate(response.json())
+
+    return parse
+
+
+def _error_detail(response: httpx.Response) -> Any:
+    """The JSON `detail` of an error response; never the raw body (it could hold a transcript)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("detail") if isinstance(body, dict) else None
