@@ -5,6 +5,7 @@ The same operations exist as `EmulatorState` methods for in-process use.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -32,25 +33,37 @@ async def get_stats(request: Request) -> dict[str, Any]:
     return _state(request).stats()
 
 
-@router.post("/stats/reset")
-async def reset_stats(request: Request) -> dict[str, Any]:
-    """Zero the counters and max_in_flight; monthly usage is kept."""
-    _state(request).reset_stats()
-    return {"ok": True}
+# The three resets differ only in the `EmulatorState` method they run; each answers {"ok": true}.
+_RESETS: dict[str, tuple[Callable[[EmulatorState], None], str]] = {
+    "/stats/reset": (
+        EmulatorState.reset_stats,
+        "Zero the counters and max_in_flight; monthly usage is kept.",
+    ),
+    "/usage/reset": (
+        EmulatorState.reset_usage,
+        "The month rolls over: audio seconds used go back to 0 everywhere.",
+    ),
+    "/reset": (
+        EmulatorState.reset,
+        "Everything back to the start-up config: counters, usage, jobs, faults, limits.",
+    ),
+}
 
 
-@router.post("/usage/reset")
-async def reset_usage(request: Request) -> dict[str, Any]:
-    """The month rolls over: audio seconds used go back to 0 everywhere."""
-    _state(request).reset_usage()
-    return {"ok": True}
+def _reset_route(
+    action: Callable[[EmulatorState], None],
+) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+    async def route(request: Request) -> dict[str, Any]:
+        action(_state(request))
+        return {"ok": True}
+
+    return route
 
 
-@router.post("/reset")
-async def reset(request: Request) -> dict[str, Any]:
-    """Everything back to the start-up config: counters, usage, jobs, faults, limits."""
-    _state(request).reset()
-    return {"ok": True}
+for _path, (_action, _doc) in _RESETS.items():
+    router.add_api_route(
+        _path, _reset_route(_action), methods=["POST"], name=_action.__name__, description=_doc
+    )
 
 
 @router.get("/config")

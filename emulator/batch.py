@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -133,24 +133,23 @@ async def serve_admitted(
         state.release(org.name, model, completed=completed, fault=fault_cls)
 
 
-@router.post("/api/velma-2-stt-batch")
-async def stt_batch(request: Request) -> Response:
-    return await _handle(request, "stt")
+_PATHS: dict[str, str] = {
+    "stt": "/api/velma-2-stt-batch",
+    "vfast": "/api/velma-2-stt-batch-english-vfast",
+    "svd": "/api/velma-2-synthetic-voice-detection-batch",
+    "pii": "/api/velma-2-pii-phi-redaction-batch",
+}
 
 
-@router.post("/api/velma-2-stt-batch-english-vfast")
-async def vfast_batch(request: Request) -> Response:
-    return await _handle(request, "vfast")
+def _batch_route(model: str) -> Callable[[Request], Awaitable[Response]]:
+    async def route(request: Request) -> Response:
+        return await _handle(request, model)
+
+    return route
 
 
-@router.post("/api/velma-2-synthetic-voice-detection-batch")
-async def svd_batch(request: Request) -> Response:
-    return await _handle(request, "svd")
-
-
-@router.post("/api/velma-2-pii-phi-redaction-batch")
-async def pii_batch(request: Request) -> Response:
-    return await _handle(request, "pii")
+for _model, _path in _PATHS.items():
+    router.add_api_route(_path, _batch_route(_model), methods=["POST"], name=f"{_model}_batch")
 
 
 async def _handle(request: Request, model: str) -> Response:

@@ -1,14 +1,14 @@
 """Async client for the four Velma-2 batch endpoints (STT, English VFast, SVD, PII redaction).
 
-Requests are built by pure `_build_*()` functions and sent by the one `_send()` (in `_http.py`,
-shared with the Platform client) that routes every failure through `classify()`. No retry loop here: retries live in `modulate.limits`.
+Requests are built by pure `_build_*()` functions and sent by the one `_send()` (`_http.py`,
+shared with the Platform client) that routes every failure through `classify()`. No retry loop
+here: retries live in `modulate.limits`.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
 from typing import Any
 
 import httpx

@@ -244,28 +244,24 @@ Expected = tuple[type[ModulateError], bool | None]  # class, quota_suspect (None
 
 
 def expected_batch(family: str, model: str, scenario: str) -> Expected:
-    legacy = family == "legacy"
     if scenario in ("auth", "missing"):
-        if not legacy and model == "svd" and scenario == "auth":
+        if family != "legacy" and model == "svd" and scenario == "auth":
             return ConcurrencyLimited, True  # 2026 SVD: 403 "This request is not permitted."
         return AuthError, None
-    if scenario == "not_enabled":
-        if not legacy and model == "svd":
-            return ConcurrencyLimited, True
-        return ModelNotEnabled, None
-    if scenario == "monthly":
-        return (MonthlyLimitReached, None) if legacy else (ConcurrencyLimited, True)
-    if scenario == "concurrency":
-        return ConcurrencyLimited, not legacy
-    raise AssertionError(scenario)
+    return expected_limit(family, model, scenario)
 
 
 def expected_stream(family: str, model: str, scenario: str) -> Expected:
-    legacy = family == "legacy"
     if scenario == "auth":
-        if legacy:
+        if family == "legacy":
             return AuthError, None
         return (ConcurrencyLimited, True) if model == "svd" else (ModelNotEnabled, None)
+    return expected_limit(family, model, scenario)
+
+
+def expected_limit(family: str, model: str, scenario: str) -> Expected:
+    """Model disabled, month used up, no free slot: the same class over HTTP and WebSocket."""
+    legacy = family == "legacy"
     if scenario == "not_enabled":
         if not legacy and model == "svd":
             return ConcurrencyLimited, True

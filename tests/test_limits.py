@@ -7,16 +7,7 @@ import random
 
 import pytest
 
-from modulate.errors import (
-    AuthError,
-    BadInput,
-    ConcurrencyLimited,
-    ModelNotEnabled,
-    ModulateError,
-    MonthlyLimitReached,
-    Transient,
-    classify,
-)
+from modulate import errors
 from modulate.limits import (
     GiveUp,
     QuotaBreaker,
@@ -31,14 +22,14 @@ POLICY = RetryPolicy()
 ZERO = RetryPolicy.for_tests()
 
 
-def busy(retry_after: float | None = None, suspect: bool = False) -> ConcurrencyLimited:
-    return ConcurrencyLimited(
+def busy(retry_after: float | None = None, suspect: bool = False) -> errors.ConcurrencyLimited:
+    return errors.ConcurrencyLimited(
         "stt: busy", endpoint="stt", status=429, retry_after=retry_after, quota_suspect=suspect
     )
 
 
-def transient(retry_after: float | None = None) -> Transient:
-    return Transient("stt: 503", endpoint="stt", status=503, retry_after=retry_after)
+def transient(retry_after: float | None = None) -> errors.Transient:
+    return errors.Transient("stt: 503", endpoint="stt", status=503, retry_after=retry_after)
 
 
 class FixedRng:
@@ -117,19 +108,19 @@ def test_concurrency_wait_is_jittered_within_range() -> None:
 @pytest.mark.parametrize(
     "error",
     [
-        MonthlyLimitReached("x", endpoint="stt"),
-        AuthError("x", endpoint="stt"),
-        ModelNotEnabled("x", endpoint="stt"),
-        BadInput("x", endpoint="stt"),
+        errors.MonthlyLimitReached("x", endpoint="stt"),
+        errors.AuthError("x", endpoint="stt"),
+        errors.ModelNotEnabled("x", endpoint="stt"),
+        errors.BadInput("x", endpoint="stt"),
     ],
 )
-def test_permanent_classes_give_up(error: ModulateError) -> None:
+def test_permanent_classes_give_up(error: errors.ModulateError) -> None:
     assert isinstance(decide(POLICY, error, 1, 0.0, FixedRng(0)), GiveUp)
 
 
 def test_open_breaker_stops_every_retry() -> None:
     breaker = QuotaBreaker(model="stt", concurrent_limit=5)
-    breaker.record_rejection(MonthlyLimitReached("x", endpoint="stt"))
+    breaker.record_rejection(errors.MonthlyLimitReached("x", endpoint="stt"))
     assert isinstance(decide(ZERO, busy(), 1, 0.0, breaker=breaker), GiveUp)
     assert isinstance(decide(ZERO, transient(), 1, 0.0, breaker=breaker), GiveUp)
 
@@ -159,7 +150,7 @@ def test_parse_retry_after_http_date() -> None:
 # --- QuotaBreaker ------------------------------------------------------------------------------
 
 
-def suspect() -> ConcurrencyLimited:
+def suspect() -> errors.ConcurrencyLimited:
     return busy(suspect=True)
 
 
@@ -174,7 +165,7 @@ def test_breaker_threshold_is_min_of_limit_and_three() -> None:
 def test_explicit_monthly_opens_at_once() -> None:
     breaker = QuotaBreaker(org="demo", model="stt", concurrent_limit=25)
     breaker.record_success()
-    breaker.record_rejection(MonthlyLimitReached("x", endpoint="stt"))
+    breaker.record_rejection(errors.MonthlyLimitReached("x", endpoint="stt"))
     assert breaker.open and breaker.reason and "monthly" in breaker.reason
     assert breaker.likely_cause == "the monthly usage limit for this model is reached"
 
@@ -213,9 +204,10 @@ def test_plain_concurrency_clears_suspect_but_keeps_count() -> None:
 
 
 @pytest.mark.parametrize(
-    "error", [transient(), BadInput("x", endpoint="stt"), AuthError("x", endpoint="stt")]
+    "error",
+    [transient(), errors.BadInput("x", endpoint="stt"), errors.AuthError("x", endpoint="stt")],
 )
-def test_other_errors_do_not_move_it(error: ModulateError) -> None:
+def test_other_errors_do_not_move_it(error: errors.ModulateError) -> None:
     breaker = QuotaBreaker(model="stt", concurrent_limit=1)
     breaker.record_rejection(error)
     assert not breaker.open and not breaker.suspect
@@ -231,7 +223,7 @@ def test_never_succeeded_and_all_ambiguous_names_every_cause() -> None:
     breaker = QuotaBreaker(model="svd", concurrent_limit=2)
     for _ in range(2):
         breaker.record_rejection(
-            classify(endpoint="svd", status=403, detail="This request is not permitted.")
+            errors.classify(endpoint="svd", status=403, detail="This request is not permitted.")
         )
     assert breaker.open
     cause = breaker.likely_cause or ""
