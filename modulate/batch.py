@@ -49,8 +49,10 @@ class CustomTerm(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    term: str = Field(min_length=1)
-    definition: str | None = Field(None, max_length=256)
+    term: str = Field(min_length=1, description="The word or phrase as it should be written.")
+    definition: str | None = Field(
+        None, max_length=256, description="What it means, to help recognition."
+    )
     pronunciations: list[str] | None = Field(
         None, max_length=16, description='X-SAMPA or respellings like "GOO-guhl".'
     )
@@ -61,13 +63,17 @@ class STTOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    speaker_diarization: bool = True
-    emotion_signal: bool = False
-    accent_signal: bool = False
-    deepfake_signal: bool = False
+    speaker_diarization: bool = Field(True, description="Number the speakers (1, 2, ...).")
+    emotion_signal: bool = Field(False, description="Tag each utterance with an emotion.")
+    accent_signal: bool = Field(False, description="Tag each utterance with an accent.")
+    deepfake_signal: bool = Field(
+        False, description="Score each utterance from 0 (natural) to 1 (synthetic)."
+    )
     pii_phi_tagging: bool = Field(False, description="Wrap PII/PHI spans in tags in the text.")
     language: str | None = Field(None, description="ISO 639-1 hint, e.g. 'en'; sent only if set.")
-    custom_terms: list[str | CustomTerm] | None = Field(None, max_length=1000)
+    custom_terms: list[str | CustomTerm] | None = Field(
+        None, max_length=1000, description="Names and jargon to recognise (at most 1,000)."
+    )
 
 
 class RedactionOptions(BaseModel):
@@ -75,10 +81,10 @@ class RedactionOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    speaker_diarization: bool = True
+    speaker_diarization: bool = Field(True, description="Number the speakers (1, 2, ...).")
     start_redaction_padding_ms: int = Field(100, ge=0, description="Silence before each range.")
     end_redaction_padding_ms: int = Field(0, ge=0, description="Silence after each range.")
-    language: str | None = None
+    language: str | None = Field(None, description="ISO 639-1 hint, e.g. 'en'; sent only if set.")
 
 
 _DEFAULT_STT = STTOptions()

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from . import _platform_wire as wire
 from ._constants import (
@@ -34,10 +34,14 @@ class PlatformFlags(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    emotion_annotation: bool = False
-    demographics: bool = False
-    synthetic_voice_detection: bool = False
-    behavioral_insights: bool = False
+    emotion_annotation: bool = Field(False, description="Emotion per segment (+1 API call).")
+    demographics: bool = Field(False, description="Age range and gender (+1 API call).")
+    synthetic_voice_detection: bool = Field(
+        False, description="A synthetic-voice verdict per file (+1 API call)."
+    )
+    behavioral_insights: bool = Field(
+        False, description="Sentiment, engagement and interruptions (+1 API call)."
+    )
 
     def wire(self) -> dict[str, bool]:
         return {name: True for name in wire.FLAG_NAMES if getattr(self, name)}
