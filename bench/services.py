@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,6 +41,17 @@ class BenchServices:
 
     local: LocalServices
     emulator_url: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each service process (to see which one is the bottleneck)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        used: dict[str, float] = {}
+        for name, pid in self.pids.items():
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            used[name] = (int(fields[11]) + int(fields[12])) / ticks
+        return used
 
     def stats(self, org: str, model: str = "stt") -> dict[str, Any]:
         response = httpx.get(f"{self.emulator_url}/_emulator/stats", timeout=30)
@@ -94,14 +105,18 @@ def start_services(orgs: list[str], concurrent: int) -> Iterator[BenchServices]:
             [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(moto_port)],
         ]
         with contextlib.ExitStack() as stack:
-            for command in commands:
-                stack.enter_context(_process(command))
+            pids = {
+                name: stack.enter_context(_process(command)).pid
+                for name, command in zip(("emulator", "moto"), commands, strict=True)
+            }
             emulator_url = f"http://{HOST}:{emulator_port}"
             s3_endpoint = f"http://{HOST}:{moto_port}"
             _wait_http(f"{emulator_url}/_emulator/stats")
             _wait_http(s3_endpoint)
-            local = LocalServices(s3_endpoint=s3_endpoint, emulator=SimpleNamespace(url=emulator_url))
-            yield BenchServices(local=local, emulator_url=emulator_url)
+            local = LocalServices(
+                s3_endpoint=s3_endpoint, emulator=SimpleNamespace(url=emulator_url)
+            )
+            yield BenchServices(local=local, emulator_url=emulator_url, pids=pids)
 
 
 def upload(services: BenchServices, bucket: str, files: Iterator[tuple[str, bytes]]) -> int:

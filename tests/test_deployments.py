@@ -6,69 +6,33 @@ harness, because `prefect deploy` is a CLI talking to a server by URL.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
-PREFECT = [sys.executable, "-m", "prefect"]
-POOL = "modulate-process"
-STARTUP_TIMEOUT_S = 120.0
-CLI_TIMEOUT_S = 180.0
-
-
-def load_prefect_yaml() -> dict[str, Any]:
-    return yaml.safe_load(PREFECT_FILE.read_text())
+from tests.prefect_server import (
+    POOL,
+    PREFECT_FILE,
+    ROOT,
+    load_prefect_yaml,
+    prefect_cli,
+    running_server,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A `prefect server start` on a free port of 127.0.0.1; yields the CLI environment."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-    }
-    env.pop("PREFECT_PROFILES_PATH", None)
-    log = (home / "server.log").open("wb")
-    process = subprocess.Popen(
-        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_healthy(env["PREFECT_API_URL"], process)
+    with running_server(tmp_path_factory.mktemp("prefect-home")) as env:
         yield env
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def deployments(server: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Create the pool, run `prefect deploy`, and return the server's deployments by name."""
-    _prefect(server, "work-pool", "create", POOL, "--type", "process")
+    prefect_cli(server, "work-pool", "create", POOL, "--type", "process")
     names = [d["name"] for d in load_prefect_yaml()["deployments"]]
     missing = [d["name"] for d in load_prefect_yaml()["deployments"] if not _entrypoint_exists(d)]
     if missing:
@@ -76,7 +40,7 @@ def deployments(server: dict[str, str]) -> dict[str, dict[str, Any]]:
         args = [arg for name in names if name not in missing for arg in ("--name", name)]
     else:
         args = ["--all"]
-    _prefect(server, "--no-prompt", "deploy", *args, "--prefect-file", str(PREFECT_FILE))
+    prefect_cli(server, "--no-prompt", "deploy", *args, "--prefect-file", str(PREFECT_FILE))
     response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={})
     response.raise_for_status()
     return {d["name"]: d for d in response.json()}
@@ -143,29 +107,3 @@ def test_shared_settings_are_anchors_and_no_secret_is_written() -> None:
 
 def _entrypoint_exists(spec: dict[str, Any]) -> bool:
     return (ROOT / spec["entrypoint"].split(":", 1)[0]).is_file()
-
-
-def _prefect(env: dict[str, str], *args: str) -> None:
-    result = subprocess.run(
-        [*PREFECT, *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def _wait_healthy(api_url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)  # polling the health condition, not waiting a fixed time
-    raise TimeoutError(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f} s")

@@ -1,0 +1,273 @@
+"""Deployed runs on two real process workers hold the org's limit, and a killed run frees it.
+
+Everything is a real process: a `prefect server start`, `prefect deploy` of
+deployments/prefect.yaml, two `prefect worker start` and the flow-run subprocesses
+they spawn; moto and the emulator serve them on 127.0.0.1 from this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_aws import S3Bucket
+
+from blocks import ModelLimit, OrgLimits
+from emulator import EmulatorConfig, ModelLimits, OrgConfig
+from modulate_flows.local import LocalServices, local_services, save_blocks
+from modulate_flows.samples import speech_wav
+from tasks.slots import limit_name
+from tests.prefect_server import (
+    POOL,
+    PREFECT,
+    PREFECT_FILE,
+    ROOT,
+    prefect_cli,
+    running_server,
+    stop,
+)
+
+ORG = "workers"
+LIMIT = 3
+BUCKET = "inbox"
+WORKERS = 2
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# Server-side: expired leases are swept every second (15 s by default), so the time a dead
+# run's slots stay held is the lease itself. Workers poll the pool every second (15 s).
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+    "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+}
+
+T = TypeVar("T")
+
+
+@dataclass
+class Stack:
+    """The server's client environment, the local services and the deployment ids by name."""
+
+    env: dict[str, str]
+    services: LocalServices
+    deployments: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return self.env["PREFECT_API_URL"]
+
+    def emulator(self, method: str, path: str, **kw: Any) -> Any:
+        response = httpx.request(method, f"{self.services.emulator_url}/_emulator{path}", **kw)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def stats(self, model: str) -> dict[str, Any]:
+        return self.emulator("GET", "/stats")["orgs"][ORG][model]
+
+    def active_slots(self, model: str) -> int:
+        response = httpx.get(f"{self.api}/v2/concurrency_limits/{limit_name(ORG, model)}")
+        response.raise_for_status()
+        return int(response.json()["active_slots"])
+
+    def run(self, deployment: str, prefix: str) -> str:
+        """Create a flow run of a deployment over one prefix (what `run_deployment` does)."""
+        source = {"bucket_block": "audio-inbox", "prefix": prefix, "pattern": "*"}
+        response = httpx.post(
+            f"{self.api}/deployments/{self.deployments[deployment]}/create_flow_run",
+            json={"parameters": {"source": source}},
+        )
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    def flow_runs(self, ids: list[str]) -> list[dict[str, Any]]:
+        response = httpx.post(
+            f"{self.api}/flow_runs/filter", json={"flow_runs": {"id": {"any_": ids}}}
+        )
+        response.raise_for_status()
+        return response.json()
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)  # the poll interval of a condition, not a wait for an event
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def flow_run_pids(flow_run_id: str) -> list[int]:
+    """The processes running one flow run: workers pass its id as PREFECT__FLOW_RUN_ID."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours
+    return pids
+
+
+async def _save_blocks(services: LocalServices, output: Path) -> None:
+    limits = {"stt": ModelLimit(concurrent=LIMIT), "vfast": ModelLimit(concurrent=LIMIT)}
+    await save_blocks(
+        services,
+        name="modulate",
+        bucket=BUCKET,
+        output_root=str(output),
+        organization=ORG,
+        api_key=f"key-{ORG}",
+        limits=limits,
+    )
+    # The deployments read the audio through the "audio-inbox" bucket block.
+    bucket = S3Bucket(bucket_name=BUCKET, credentials=services.aws_credentials())
+    await bucket.asave("audio-inbox", overwrite=True)
+    await (await OrgLimits.aload("modulate")).sync()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    output = tmp_path_factory.mktemp("out")
+    models = {"stt": ModelLimits(concurrent=LIMIT), "vfast": ModelLimits(concurrent=LIMIT)}
+    config = EmulatorConfig(orgs=[OrgConfig(name=ORG, velma_keys=[f"key-{ORG}"], models=models)])
+    config.latency.mean_s = 0.1
+    started = time.monotonic()
+    with running_server(home, SERVER_SETTINGS) as env, local_services(config) as services:
+        server_up = time.monotonic()
+        # Prefect reads its settings per context: these blocks go to the subprocess server.
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            asyncio.run(_save_blocks(services, output))
+        services.upload(BUCKET, {})
+        prefect_cli(env, "work-pool", "create", POOL, "--type", "process")
+        workers = [
+            subprocess.Popen(
+                [*PREFECT, "worker", "start", "--pool", POOL, "--name", f"worker-{i}"],
+                env=env,
+                cwd=ROOT,
+                stdout=(home / f"worker-{i}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(WORKERS)
+        ]
+        try:
+            # nightly (stt) runs one at a time by design; english-fast (vfast) has no such
+            # guard, so three of its runs can share the org's limit at once.
+            prefect_cli(
+                env,
+                "--no-prompt",
+                "deploy",
+                *("--name", "nightly", "--name", "english-fast"),
+                *("--prefect-file", str(PREFECT_FILE)),
+            )
+            response = httpx.post(f"{env['PREFECT_API_URL']}/deployments/filter", json={})
+            deployments = {d["name"]: d["id"] for d in response.json()}
+            wait_for(
+                lambda: _online_workers(env["PREFECT_API_URL"]) >= WORKERS,
+                60,
+                "both workers online",
+            )
+            stack = Stack(env, services, deployments)
+            stack.timings["server_start_s"] = server_up - started
+            stack.timings["setup_s"] = time.monotonic() - started
+            yield stack
+        finally:
+            for worker in workers:
+                stop(worker)
+
+
+def _online_workers(api: str) -> int:
+    response = httpx.post(f"{api}/work_pools/{POOL}/workers/filter", json={})
+    response.raise_for_status()
+    return sum(1 for worker in response.json() if worker["status"] == "ONLINE")
+
+
+def test_three_runs_on_two_workers_share_the_org_limit(stack: Stack) -> None:
+    files = 12
+    for run in range(3):
+        stack.services.upload(
+            BUCKET,
+            {f"p{run}/call-{i:02d}.wav": speech_wav(1.0, seed=10 * run + i) for i in range(files)},
+        )
+    stack.emulator("PATCH", "/config", json={"latency": {"mean_s": 0.3}})
+    stack.emulator("POST", "/stats/reset")
+    started = time.monotonic()
+    ids = [stack.run("english-fast", f"p{run}/") for run in range(3)]
+
+    runs = wait_for(
+        lambda: (r := stack.flow_runs(ids)) and all(x["state_type"] in TERMINAL for x in r) and r,
+        150,
+        "three runs finished",
+    )
+    elapsed = time.monotonic() - started
+
+    assert [r["state_name"] for r in runs] == ["Completed"] * 3, [r["state"] for r in runs]
+    stats = stack.stats("vfast")
+    assert stats["completed"] == 3 * files
+    # The emulator would answer a fourth concurrent call with 429 "concurrency".
+    assert stats["rejections"]["concurrency"] == 0
+    assert stats["max_in_flight"] == LIMIT
+    assert stack.active_slots("vfast") == 0
+    overlap = _max_overlap(runs)
+    print(f"setup {stack.timings}, three runs {elapsed:.1f} s, at most {overlap} at once")
+
+
+def test_a_killed_run_holds_its_slots_until_the_lease_expires(stack: Stack) -> None:
+    stack.services.upload(BUCKET, {f"k/call-{i}.wav": speech_wav(1.0, seed=i) for i in range(6)})
+    # Calls slow enough that the run is surely mid-call when it is killed.
+    stack.emulator("PATCH", "/config", json={"latency": {"mean_s": 30.0}})
+    stack.emulator("POST", "/stats/reset")
+    flow_run = stack.run("nightly", "k/")
+    wait_for(lambda: stack.stats("stt")["in_flight"] > 0, 90, "calls in flight")
+    held = stack.active_slots("stt")
+    pids = flow_run_pids(flow_run)
+    assert pids, "the flow-run process was not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    stack.emulator("PATCH", "/config", json={"latency": {"mean_s": 0.1}})
+
+    assert held > 0
+    assert stack.active_slots("stt") == held  # nobody gives them back for the dead run
+    crashed = wait_for(
+        lambda: stack.flow_runs([flow_run])[0]["state_type"] in TERMINAL
+        and stack.flow_runs([flow_run])[0],
+        60,
+        "the worker reporting the run",
+    )
+    crashed_after = time.monotonic() - killed
+    wait_for(lambda: stack.active_slots("stt") == 0, 120, "the dead run's leases expired")
+    freed_after = time.monotonic() - killed
+    assert crashed["state_type"] == "CRASHED"
+    assert freed_after >= 30  # the lease (60 s, renewed every 20 s) not a release, freed them
+    print(
+        f"held {held} slots; run {crashed['state_name']} after {crashed_after:.1f} s; "
+        f"slots free after {freed_after:.1f} s"
+    )
+
+
+def _max_overlap(runs: list[dict[str, Any]]) -> int:
+    """How many of the runs were Running at the same moment, from their start and end times."""
+    events = sorted(
+        [(r["start_time"], 1) for r in runs if r["start_time"]]
+        + [(r["end_time"], -1) for r in runs if r["end_time"]]
+    )
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
