@@ -1,12 +1,15 @@
 """Find audio in S3 and move bytes in and out, without blocking the event loop.
 
 Listing is lazy: one page of at most 1,000 keys is in memory at a time, so a prefix
-of 100,000 objects streams through. boto3 is blocking, so every call runs in a thread.
+of 100,000 objects streams through. Large objects are read by ranges and written by
+multipart upload, so neither sits in memory whole. boto3 is blocking, so every call
+runs in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import hashlib
 from collections.abc import AsyncIterator
@@ -14,11 +17,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["AudioObject", "S3Input", "iter_audio", "read_object", "write_object"]
+__all__ = [
+    "AudioObject",
+    "MultipartUpload",
+    "S3Input",
+    "iter_audio",
+    "iter_object",
+    "read_head",
+    "read_object",
+    "write_object",
+]
 
 PAGE_SIZE = 1000
+RANGE_BYTES = 8 * 1024 * 1024  # one ranged GET; the next is fetched while this one is sent
+FRAME_BYTES = 1024 * 1024  # one binary WebSocket frame
+PART_BYTES = 8 * 1024 * 1024  # one multipart upload part of the redacted MP3
+MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum for every part but the last
 
 
 class S3Input(BaseModel):
@@ -136,3 +153,111 @@ async def write_object(
         s3_client.put_object, Bucket=bucket, Key=key, Body=data, ContentType=content_type
     )
     return f"s3://{bucket}/{key}"
+
+
+async def iter_object(
+    s3_client: Any,
+    bucket: str,
+    key: str,
+    *,
+    start: int,
+    end: int,
+    range_bytes: int = RANGE_BYTES,
+    frame_bytes: int = FRAME_BYTES,
+) -> AsyncIterator[bytes]:
+    """Yield bytes [start, end) of an object as frames, one ranged GET ahead of the consumer.
+
+    At most two ranges are in memory: the one being yielded and the one being fetched.
+    """
+
+    def fetch(pos: int) -> bytes:
+        stop = min(pos + range_bytes, end) - 1
+        response = s3_client.get_object(Bucket=bucket, Key=key, Range=f"bytes={pos}-{stop}")
+        data: bytes = response["Body"].read()
+        return data
+
+    pos = start
+    pending = asyncio.ensure_future(asyncio.to_thread(fetch, pos)) if pos < end else None
+    try:
+        while pending is not None:
+            data = await pending
+            pos += len(data)
+            pending = None
+            if data and pos < end:
+                pending = asyncio.ensure_future(asyncio.to_thread(fetch, pos))
+            view = memoryview(data)
+            for offset in range(0, len(view), frame_bytes):
+                yield bytes(view[offset : offset + frame_bytes])
+            del view, data
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+def read_head(s3_client: Any, obj: AudioObject, size: int) -> bytes:
+    """The first `size` bytes of an object (blocking: call it in a thread)."""
+    stop = min(size, obj.size) - 1
+    response = s3_client.get_object(Bucket=obj.bucket, Key=obj.key, Range=f"bytes=0-{stop}")
+    data: bytes = response["Body"].read()
+    return data
+
+
+class MultipartUpload:
+    """Bytes to one S3 object as they come: parts of `part_bytes`, one part in memory.
+
+    Output that never fills a part is written with one PUT instead.
+    """
+
+    def __init__(self, s3_client: Any, bucket: str, key: str, part_bytes: int) -> None:
+        self.s3, self.bucket, self.key, self.part_bytes = s3_client, bucket, key, part_bytes
+        self.buffer = bytearray()
+        self.parts: list[dict[str, Any]] = []
+        self.upload_id: str | None = None
+        self.size = 0
+
+    async def write(self, data: bytes) -> None:
+        self.buffer += data
+        self.size += len(data)
+        while len(self.buffer) >= self.part_bytes:
+            part = bytes(self.buffer[: self.part_bytes])
+            del self.buffer[: self.part_bytes]
+            await self._upload(part)
+
+    async def finish(self) -> str:
+        if self.upload_id is None:
+            await asyncio.to_thread(
+                self.s3.put_object, Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer),
+                ContentType="audio/mpeg",
+            )
+        else:
+            if self.buffer:
+                await self._upload(bytes(self.buffer))
+            await asyncio.to_thread(
+                self.s3.complete_multipart_upload, Bucket=self.bucket, Key=self.key,
+                UploadId=self.upload_id, MultipartUpload={"Parts": self.parts},
+            )
+        self.buffer.clear()
+        return f"s3://{self.bucket}/{self.key}"
+
+    async def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(BotoCoreError, ClientError):
+                await asyncio.to_thread(
+                    self.s3.abort_multipart_upload, Bucket=self.bucket, Key=self.key,
+                    UploadId=self.upload_id,
+                )
+            self.upload_id = None
+
+    async def _upload(self, part: bytes) -> None:
+        if self.upload_id is None:
+            created = await asyncio.to_thread(
+                self.s3.create_multipart_upload, Bucket=self.bucket, Key=self.key,
+                ContentType="audio/mpeg",
+            )
+            self.upload_id = created["UploadId"]
+        number = len(self.parts) + 1
+        response = await asyncio.to_thread(
+            self.s3.upload_part, Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+            PartNumber=number, Body=part,
+        )
+        self.parts.append({"PartNumber": number, "ETag": response["ETag"]})

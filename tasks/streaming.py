@@ -47,7 +47,15 @@ from tasks.jobs import (
     redacted_audio_key,
     redaction_rows,
 )
-from tasks.s3 import AudioObject
+from tasks.s3 import (
+    FRAME_BYTES,
+    MIN_PART_BYTES,
+    PART_BYTES,
+    AudioObject,
+    MultipartUpload,
+    iter_object,
+    read_head,
+)
 from tasks.slots import SlotPool
 
 if TYPE_CHECKING:
@@ -59,16 +67,11 @@ __all__ = [
     "StreamRoute",
     "WavLayout",
     "check_params",
-    "iter_object",
     "route_large_files",
     "stream_job_for",
     "wav_layout",
 ]
 
-RANGE_BYTES = 8 * 1024 * 1024  # one ranged GET; the next is fetched while this one is sent
-FRAME_BYTES = 1024 * 1024  # one binary WebSocket frame
-PART_BYTES = 8 * 1024 * 1024  # one multipart upload part of the redacted MP3
-MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum for every part but the last
 HEAD_BYTES = 64 * 1024  # enough for any WAV header we can use
 RAW_EXTENSIONS: frozenset[str] = frozenset({"pcm", "raw"})
 # Extension -> audio_format for the self-describing formats each endpoint accepts. A file
@@ -84,45 +87,6 @@ _SAMPLE_RATES = frozenset({8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000
 # Redaction markers seen across API versions (API_CONTRACT.md 0.2): [REDACTED], [SSN],
 # <pii:name></pii:name>, <phi></phi>. Only used to find which utterances were redacted.
 _MARKER = re.compile(r"\[[A-Z][A-Z_ ]*\]|<(?:pii|phi)\b")
-
-
-async def iter_object(
-    s3_client: Any,
-    bucket: str,
-    key: str,
-    *,
-    start: int,
-    end: int,
-    range_bytes: int = RANGE_BYTES,
-    frame_bytes: int = FRAME_BYTES,
-) -> AsyncIterator[bytes]:
-    """Yield bytes [start, end) of an object as frames, one ranged GET ahead of the consumer.
-
-    At most two ranges are in memory: the one being yielded and the one being fetched.
-    """
-
-    def fetch(pos: int) -> bytes:
-        stop = min(pos + range_bytes, end) - 1
-        response = s3_client.get_object(Bucket=bucket, Key=key, Range=f"bytes={pos}-{stop}")
-        data: bytes = response["Body"].read()
-        return data
-
-    pos = start
-    pending = asyncio.ensure_future(asyncio.to_thread(fetch, pos)) if pos < end else None
-    try:
-        while pending is not None:
-            data = await pending
-            pos += len(data)
-            pending = None
-            if data and pos < end:
-                pending = asyncio.ensure_future(asyncio.to_thread(fetch, pos))
-            view = memoryview(data)
-            for offset in range(0, len(view), frame_bytes):
-                yield bytes(view[offset : offset + frame_bytes])
-            del view, data
-    finally:
-        if pending is not None:
-            pending.cancel()
 
 
 @dataclass(frozen=True)
@@ -217,7 +181,7 @@ class StreamJob:
         writer = None
         if self.endpoint == "pii":
             bucket = self.output_bucket or obj.bucket
-            writer = _MultipartUpload(
+            writer = MultipartUpload(
                 self.s3_client, bucket, redacted_audio_key(self.output_prefix, obj.key),
                 max(self.part_bytes, MIN_PART_BYTES),
             )
@@ -273,7 +237,7 @@ class StreamJob:
             )
         fmt: str | None = extension
         if extension == "wav":
-            head = await asyncio.to_thread(_read_head, self.s3_client, obj, HEAD_BYTES)
+            head = await asyncio.to_thread(read_head, self.s3_client, obj, HEAD_BYTES)
             layout = wav_layout(head)
             if layout is not None:  # the native path: raw PCM, header stripped
                 update = {"audio_format": layout.audio_format, "sample_rate": layout.sample_rate,
@@ -370,7 +334,7 @@ async def route_large_files(
 class _Collector:
     """Keeps what the rows need (utterances, frames); PII audio goes straight to the upload."""
 
-    def __init__(self, writer: _MultipartUpload | None) -> None:
+    def __init__(self, writer: MultipartUpload | None) -> None:
         self.writer = writer
         self.utterances: list[Utterance] = []
         self.frames: list[SVDFrame] = []
@@ -396,74 +360,6 @@ class _Collector:
         size = self.writer.size if self.writer is not None else 0
         return StreamResult(self.duration_ms, self.utterances, self.frames, self.partials,
                             uri, size)
-
-
-class _MultipartUpload:
-    """Bytes to one S3 object as they come: parts of `part_bytes`, one part in memory.
-
-    Output that never fills a part is written with one PUT instead.
-    """
-
-    def __init__(self, s3_client: Any, bucket: str, key: str, part_bytes: int) -> None:
-        self.s3, self.bucket, self.key, self.part_bytes = s3_client, bucket, key, part_bytes
-        self.buffer = bytearray()
-        self.parts: list[dict[str, Any]] = []
-        self.upload_id: str | None = None
-        self.size = 0
-
-    async def write(self, data: bytes) -> None:
-        self.buffer += data
-        self.size += len(data)
-        while len(self.buffer) >= self.part_bytes:
-            part = bytes(self.buffer[: self.part_bytes])
-            del self.buffer[: self.part_bytes]
-            await self._upload(part)
-
-    async def finish(self) -> str:
-        if self.upload_id is None:
-            await asyncio.to_thread(
-                self.s3.put_object, Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer),
-                ContentType="audio/mpeg",
-            )
-        else:
-            if self.buffer:
-                await self._upload(bytes(self.buffer))
-            await asyncio.to_thread(
-                self.s3.complete_multipart_upload, Bucket=self.bucket, Key=self.key,
-                UploadId=self.upload_id, MultipartUpload={"Parts": self.parts},
-            )
-        self.buffer.clear()
-        return f"s3://{self.bucket}/{self.key}"
-
-    async def abort(self) -> None:
-        if self.upload_id is not None:
-            with contextlib.suppress(BotoCoreError, ClientError):
-                await asyncio.to_thread(
-                    self.s3.abort_multipart_upload, Bucket=self.bucket, Key=self.key,
-                    UploadId=self.upload_id,
-                )
-            self.upload_id = None
-
-    async def _upload(self, part: bytes) -> None:
-        if self.upload_id is None:
-            created = await asyncio.to_thread(
-                self.s3.create_multipart_upload, Bucket=self.bucket, Key=self.key,
-                ContentType="audio/mpeg",
-            )
-            self.upload_id = created["UploadId"]
-        number = len(self.parts) + 1
-        response = await asyncio.to_thread(
-            self.s3.upload_part, Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-            PartNumber=number, Body=part,
-        )
-        self.parts.append({"PartNumber": number, "ETag": response["ETag"]})
-
-
-def _read_head(s3_client: Any, obj: AudioObject, size: int) -> bytes:
-    stop = min(size, obj.size) - 1
-    response = s3_client.get_object(Bucket=obj.bucket, Key=obj.key, Range=f"bytes=0-{stop}")
-    data: bytes = response["Body"].read()
-    return data
 
 
 def check_params(params: StreamParams) -> None:
