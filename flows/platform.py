@@ -22,17 +22,9 @@ from blocks import OrgLimits, ParquetOutput, PlatformCredentials
 from modulate import PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
 from tasks import output
-from tasks.platform import (
-    MODEL,
-    JobFileRecord,
-    JobRecord,
-    PlatformRun,
-    PollSettings,
-    RunStopped,
-    load_records,
-    poll_job,
-    submit_job,
-)
+from tasks.batch import RunStopped
+from tasks.platform import MODEL, PlatformRun, PollSettings, poll_job, submit_job
+from tasks.platform_jobs import JobFileRecord, JobRecord, load_records
 from tasks.s3 import AudioObject, S3Input, iter_audio
 from tasks.schemas import config_hash_for
 from tasks.slots import SlotPool

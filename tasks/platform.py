@@ -1,9 +1,8 @@
 """Platform API jobs: submit S3 files as multi-file jobs, record each job, poll it, write rows.
 
-A job is recorded as ``_state/platform_jobs/<job_id>.json`` under the output root the moment
-the first file's response returns, and again after every further file, so a crash never loses
-a job the service is already processing (why JSON and not Parquet: docs/platform.md). Posting
-holds a "platform" slot of the run's SlotPool; waiting for a job holds none.
+A job is recorded (tasks/platform_jobs.py) the moment the first file's response returns, and
+again after every further file, so a crash never loses a job the service is already
+processing. Posting holds a "platform" slot of the run's SlotPool; waiting for a job holds none.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow.fs as pafs
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
@@ -38,20 +36,18 @@ from modulate import (
 )
 from modulate.limits import GiveUp
 from tasks import output
+from tasks.batch import RunStopped
 from tasks.output import OutputLocation
+from tasks.platform_jobs import JobFileRecord, JobRecord, save_record
 from tasks.s3 import read_object
 from tasks.slots import SlotPool
 
 __all__ = [
     "MODEL",
-    "JobFileRecord",
-    "JobRecord",
     "PlatformRun",
     "PollSettings",
     "create_realtime_session",
-    "load_records",
     "poll_job",
-    "save_record",
     "submit_job",
 ]
 
@@ -59,70 +55,6 @@ MODEL = "platform"
 DONE_STATUSES = frozenset({"completed", "failed"})
 RUNNING_STATUSES = frozenset({"processing", "accepting_files", "queued"})
 DEFAULT_POLICY = RetryPolicy()
-STATE_DIR = "_state/platform_jobs"
-
-
-class JobFileRecord(BaseModel):
-    """One S3 file of a job: where it came from and whether the service has it."""
-
-    file_id: str
-    source_uri: str
-    etag: str
-    size_bytes: int
-    date: str
-    filename: str
-    posted: bool = False
-    platform_file_id: str | None = None
-    attempts: int = 0
-    error: str | None = Field(None, description="Log-safe reason it was not posted.")
-    submitted_at: datetime | None = None
-
-
-class JobRecord(BaseModel):
-    """A Platform job as this project knows it; `closed` once its rows are written."""
-
-    job_id: str | None = None
-    config_hash: str
-    files: list[JobFileRecord]
-    finalized: bool = False
-    closed: bool = False
-    status: str | None = None
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-
-
-def save_record(location: OutputLocation, record: JobRecord) -> None:
-    """Write the job's record whole: a rename locally, one PUT on S3 (both atomic)."""
-    assert record.job_id is not None
-    fs, base = location.filesystem()
-    directory = f"{base}/{STATE_DIR}"
-    fs.create_dir(directory, recursive=True)
-    data = record.model_dump_json(indent=1).encode()
-    target = f"{directory}/{record.job_id}.json"
-    if isinstance(fs, pafs.LocalFileSystem):
-        temp = f"{directory}/_tmp-{record.job_id}.json"
-        with fs.open_output_stream(temp) as handle:
-            handle.write(data)
-        fs.move(temp, target)
-    else:
-        with fs.open_output_stream(target) as handle:
-            handle.write(data)
-
-
-def load_records(location: OutputLocation, config_hash: str) -> list[JobRecord]:
-    """Every job recorded under this output root for this config, oldest first."""
-    fs, base = location.filesystem()
-    selector = pafs.FileSelector(f"{base}/{STATE_DIR}", allow_not_found=True)
-    records = []
-    for info in fs.get_file_info(selector):
-        if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
-            continue
-        if info.base_name.startswith("_"):
-            continue  # a write in progress
-        with fs.open_input_stream(info.path) as handle:
-            record = JobRecord.model_validate_json(handle.read())
-        if record.config_hash == config_hash:
-            records.append(record)
-    return sorted(records, key=lambda r: r.created_at)
 
 
 class PollSettings(BaseModel):
@@ -217,10 +149,6 @@ class PlatformRun:
             "finished_at": datetime.now(UTC),
             "flow_run_id": self.flow_run_id,
         }
-
-
-class RunStopped(Exception):
-    """The Platform refused the credentials: no other file can get past, the run stops."""
 
 
 @task(name="submit-platform-job", cache_policy=NO_CACHE)

@@ -31,7 +31,8 @@ from modulate import PlatformFlags
 from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
 from tasks.output import OutputLocation
-from tasks.platform import JobFileRecord, JobRecord, PollSettings, load_records, save_record
+from tasks.platform import PollSettings
+from tasks.platform_jobs import JobFileRecord, JobRecord, load_records, save_record
 from tasks.s3 import AudioObject, S3Input
 from tasks.schemas import config_hash_for
 
