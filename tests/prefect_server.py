@@ -28,7 +28,9 @@ __all__ = [
     "load_prefect_yaml",
     "prefect_cli",
     "running_server",
+    "start_prefect",
     "stop",
+    "wait_ok",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +67,12 @@ def running_server(
     # A profile or an API URL from the caller's environment would point elsewhere.
     env.pop("PREFECT_PROFILES_PATH", None)
     env.pop("PREFECT_API_URL", None)
+    # The UI asks the server where its API is; the default assumes port 4200.
+    server_env = {**env, "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     with (home / "server.log").open("wb") as log:
         process = subprocess.Popen(
             [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
+            env=server_env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -92,6 +96,19 @@ def prefect_cli(env: Mapping[str, str], *args: str) -> str:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def start_prefect(env: Mapping[str, str], *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start `prefect <args>` from the project root in the background, its output to `log`."""
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [*PREFECT, *args], env=dict(env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_ok(process: subprocess.Popen[bytes], log: Path, timeout: float = CLI_TIMEOUT_S) -> None:
+    """Wait for a background `prefect` command; fail with the end of its log unless it succeeded."""
+    assert process.wait(timeout=timeout) == 0, log.read_text(errors="replace")[-3000:]
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
