@@ -211,10 +211,18 @@ def test_three_runs_on_two_workers_share_the_org_limit(stack: Stack) -> None:
             BUCKET,
             {f"p{run}/call-{i:02d}.wav": speech_wav(1.0, seed=10 * run + i) for i in range(files)},
         )
-    stack.emulator("PATCH", "/config", json={"latency": {"mean_s": 0.2}})
+    # Slow calls until all three runs are running, so that they really share the limit
+    # (process start-up varies by seconds; a fast first run could finish alone).
+    stack.emulator("PATCH", "/config", json={"latency": {"mean_s": 10.0}})
     stack.emulator("POST", "/stats/reset")
     started = time.monotonic()
     ids = [stack.run("english-fast", f"p{run}/") for run in range(3)]
+    wait_for(
+        lambda: all(r["state_type"] == "RUNNING" for r in stack.flow_runs(ids)),
+        90,
+        "all three runs running at once",
+    )
+    stack.emulator("PATCH", "/config", json={"latency": {"mean_s": 0.2}})
 
     runs = wait_for(
         lambda: (r := stack.flow_runs(ids)) and all(x["state_type"] in TERMINAL for x in r) and r,
@@ -231,6 +239,7 @@ def test_three_runs_on_two_workers_share_the_org_limit(stack: Stack) -> None:
     assert stats["max_in_flight"] == LIMIT
     assert stack.active_slots("vfast") == 0
     overlap = _max_overlap(runs)
+    assert overlap == 3
     print(f"setup {stack.timings}, three runs {elapsed:.1f} s, at most {overlap} at once")
 
 
