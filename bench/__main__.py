@@ -7,7 +7,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["configure_environment", "main"]
+
+
+def configure_environment() -> None:
+    """Settings Prefect reads at import: no telemetry (no internet here), and WARNING logs,
+    since the naive baseline would print two lines per file (the same for every contender)."""
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -19,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="our flow's chunk_size")
     parser.add_argument("--output", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    configure_environment()
     from bench.run import DEFAULT_FILES, DEFAULT_NAIVE_FILES, QUICK, RESULTS, run_bench
 
     files = args.files or (QUICK["files"] if args.quick else DEFAULT_FILES)

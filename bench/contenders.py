@@ -128,7 +128,7 @@ async def run_plain(
     semaphore = asyncio.Semaphore(concurrent)
 
     async def one(client: httpx.AsyncClient, key: str) -> bool:
-        audio = await asyncio.to_thread(lambda: s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        audio = await asyncio.to_thread(_read, s3, bucket, key)
         async with semaphore:
             for attempt in range(PLAIN_MAX_ATTEMPTS):
                 response = await client.post(
@@ -158,7 +158,7 @@ _naive: dict[str, Any] = {}
 async def _naive_file(key: str) -> bool:
     """One file: read it from S3, post it, retry on 429 like the plain script."""
     bucket, s3, url, api_key = _naive["bucket"], _naive["s3"], _naive["url"], _naive["api_key"]
-    audio = await asyncio.to_thread(lambda: s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    audio = await asyncio.to_thread(_read, s3, bucket, key)
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
         for attempt in range(PLAIN_MAX_ATTEMPTS):
             response = await client.post(
@@ -200,3 +200,8 @@ async def run_naive(
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _read(s3: Any, bucket: str, key: str) -> bytes:
+    data: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return data

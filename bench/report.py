@@ -78,7 +78,8 @@ def print_report(results: dict[str, Any], console: Console) -> None:
     )
     for column in ("contender", "files", "completed", "files/s", "of C/L", "max in flight",
                    "rejections", "CPU ms/file", "peak RSS MB"):
-        table.add_column(column, justify="left" if column in ("contender", "rejections") else "right")
+        left = column in ("contender", "rejections")
+        table.add_column(column, justify="left" if left else "right")
     for name, run in results["contenders"].items():
         rejections = ", ".join(f"{k} {v}" for k, v in run["rejections"].items()) or "none"
         table.add_row(

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from modulate_flows.bench_cli import bench
 from modulate_flows.blocks_cli import blocks_app
 from modulate_flows.platform_cli import platform_app
 
@@ -24,6 +25,7 @@ limits_app = typer.Typer(help="The organisation's per-model limits.", no_args_is
 app.add_typer(limits_app, name="limits")
 app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
+app.command()(bench)
 console = Console()
 
 

@@ -18,6 +18,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect import tags
 from prefect.artifacts import (
     acreate_progress_artifact,
@@ -123,11 +124,16 @@ async def run_batch(
         )
         todo = _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done)
         stopped: BaseException | None = None
+        s3_error: BaseException | None = None
         try:
             async with route_large_files(ctx, credentials.streaming_client(), limits):
                 await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
         except* (AuthError, RunStopped) as group:
             stopped = group.exceptions[0]
+        except* (BotoCoreError, ClientError) as group:
+            # Per-file reads are caught per file; what gets here is the listing or an
+            # output write (no bucket, credentials, S3 down): say where, not a group trace.
+            s3_error = group.exceptions[0]
 
     for table, date in sorted(ctx.touched):
         await asyncio.to_thread(output.compact, location, table, job.model, [date])
@@ -153,6 +159,11 @@ async def run_batch(
     )
     if stopped is not None:
         raise RuntimeError(_fix_message(stopped, settings)) from None
+    if s3_error is not None:
+        raise RuntimeError(
+            f"S3 failed for s3://{bucket.bucket_name}/{source.prefix} (S3 Bucket block "
+            f"{source.bucket_block!r}): {s3_error}"
+        ) from None
     return _final_state(summary)
 
 
@@ -168,7 +179,10 @@ async def _fan_out(
     ctx: RunContext, objects: AsyncIterator[AudioObject], chunk_size: int, concurrent: int
 ) -> None:
     """Run chunks as the listing yields them, enough at once to keep every slot busy."""
-    in_flight = asyncio.Semaphore(max(2, math.ceil(2 * concurrent / chunk_size)) + 1)
+    # Enough chunks at once that ~8*C files stay queued for the slots while the oldest
+    # chunk writes its Parquet and its successor is started and read (1-2 s measured
+    # on 2 cores); with fewer, the slots went idle between waves (bench/, BENCHMARKS.md).
+    in_flight = asyncio.Semaphore(math.ceil(8 * concurrent / chunk_size) + 2)
     progress_id = await acreate_progress_artifact(
         0.0, description=f"Files of this {ctx.job.model} run finished, of those listed so far."
     )

@@ -4,7 +4,7 @@ Waiting on the Prefect server per call costs a round trip and serialises every
 acquirer of one limit in a process (DESIGN.md section 3). So a run leases slots in
 as few requests as it can while it has queued work, renews the leases from the
 event loop, gives them back as its queue drains, and lets its own calls share the
-slots it holds through a local condition. A dead worker's leases expire on the
+slots it holds through a local FIFO queue. A dead worker's leases expire on the
 server after `lease_duration`, so no slot leaks.
 
 Without a Prefect limit of that name (limits not synced) the pool falls back to a
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from uuid import UUID
@@ -73,7 +74,7 @@ class SlotPool:
         self._leases: list[_Lease] = []
         self._in_use = 0
         self._demand = 0
-        self._changed = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._wake = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
 
@@ -120,18 +121,43 @@ class SlotPool:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the length of one call."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._in_use < self.held)
+        """Hold one slot for the length of one call; waiters are served first come, first served.
+
+        FIFO matters for throughput, not only fairness: the files of the oldest chunk get
+        slots first, so that chunk finishes and is replaced while the younger chunks still
+        have queued work. Waking every waiter on each release (a Condition) let all chunks
+        advance in lockstep and drain together, leaving the slots idle between waves.
+        """
+        if self._in_use < self.held and not self._waiters:
             self._in_use += 1
-            self.max_in_use = max(self.max_in_use, self._in_use)
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiters.append(granted)
+            try:
+                await granted  # resolved by _grant(), which counted the slot as ours
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._in_use -= 1  # granted just as we were cancelled: pass it on
+                    self._grant()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(granted)
+                raise
+        self.max_in_use = max(self.max_in_use, self._in_use)
         try:
             yield
         finally:
-            async with self._changed:
-                self._in_use -= 1
-                self._changed.notify_all()
+            self._in_use -= 1
+            self._grant()
             self._wake.set()
+
+    def _grant(self) -> None:
+        """Hand free slots to the oldest waiters."""
+        while self._waiters and self._in_use < self.held:
+            granted = self._waiters.popleft()
+            if granted.done():  # its waiter was cancelled
+                continue
+            self._in_use += 1
+            granted.set_result(None)
 
     async def _maintain(self) -> None:
         renew_every = self.lease_duration / 3
@@ -173,8 +199,7 @@ class SlotPool:
                 ask //= 2
                 continue
             self._leases.append(_Lease(UUID(response.json()["lease_id"]), ask))
-            async with self._changed:
-                self._changed.notify_all()
+            self._grant()
             return
 
     async def _give_back(self, client: PrefectClient) -> None:

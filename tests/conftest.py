@@ -25,7 +25,7 @@ from emulator import EmulatorConfig, ModelLimits, OrgConfig  # noqa: E402
 from modulate_flows.local import LocalServices, local_services, save_blocks  # noqa: E402
 
 # One emulator org per test that needs its own counters; the key is "key-<org>".
-TEST_ORGS = [f"org{i}" for i in range(32)]
+TEST_ORGS = [f"org{i}" for i in range(60)]
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,10 @@ def httpx_patch_latency(env, seconds: float) -> None:
     ).raise_for_status()
 
 
-async def test_monthly_limit_defers_then_resumes(org_env) -> None:
+@pytest.mark.parametrize("family", ["2026", "legacy"])
+async def test_monthly_limit_defers_then_resumes(org_env, family: str) -> None:
+    # Both families of detail strings must open the breaker (DESIGN.md section 2).
+    httpx_patch_config(org_env, {"detail_family": family})
     org_env.services.upload(org_env.bucket, good_files(40, seconds=2.0))
     # 2-second files: the month holds 12 of them.
     org_env.set_model("stt", monthly_audio_hours=24 / 3600)
@@ -130,6 +133,13 @@ async def test_monthly_limit_defers_then_resumes(org_env) -> None:
     assert state.name == "Completed"
     assert org_env.stats("stt")["requests"] - before == 28  # exactly the deferred files
     assert set(ledger(org_env).status) == {"completed"}
+    httpx_patch_config(org_env, {"detail_family": "2026"})
+
+
+def httpx_patch_config(env, changes: dict) -> None:
+    import httpx
+
+    httpx.patch(f"{env.services.emulator_url}/_emulator/config", json=changes).raise_for_status()
 
 
 def httpx_post(env, path: str) -> None:

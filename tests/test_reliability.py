@@ -1,0 +1,297 @@
+"""Reliability: faults, a killed worker, bad inputs and secrets, on the real stack.
+
+Every file is accounted for exactly once in the ledger, the emulator's counters say
+how many calls were sent, and a canary key never leaks. docs/reliability.md is the
+catalogue of bad inputs these tests hold to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import pandas as pd
+import pytest
+from moto.server import ThreadedMotoServer
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+from prefect.states import State
+from prefect_aws import S3Bucket
+from pydantic import SecretStr
+from test_batch_flows import fast_retries, good_files, ledger, settings, source  # noqa: F401
+
+from blocks import ModulateCredentials
+from flows import detect_synthetic_voice, transcribe
+from modulate_flows.local import LocalServices
+from modulate_flows.samples import speech_wav
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = """
+import asyncio, json, sys
+from flows import transcribe
+from tasks.runner import RunSettings
+from tasks.s3 import S3Input
+args = json.loads(sys.argv[1])
+asyncio.run(transcribe(source=S3Input.model_validate(args["source"]),
+                       settings=RunSettings.model_validate(args["settings"])))
+"""
+WAIT_S = 60.0
+
+
+@pytest.fixture
+def emulator(services: LocalServices) -> Iterator[Callable[..., Any]]:
+    """Admin calls to the shared emulator; faults, latency and details are put back after."""
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        response = httpx.request(method, f"{services.emulator_url}/_emulator{path}", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    yield call
+    call("PATCH", "/config", {
+        "faults": {"error_5xx_rate": 0.0, "drop_rate": 0.0}, "latency": {"mean_s": 0.0},
+        "detail_family": "2026",
+    })
+
+
+def assert_one_row_per_file(root: Path) -> int:
+    total, distinct = duckdb.connect().execute(
+        f"select count(*), count(distinct (file_id, config_hash)) from "
+        f"read_parquet('{root}/files/**/*.parquet', hive_partitioning=true)"
+    ).fetchone()
+    assert total == distinct
+    return int(total)
+
+
+async def test_5xx_and_dropped_connections_complete_every_file_once(org_env, emulator) -> None:
+    org_env.services.upload(org_env.bucket, good_files(60))
+    emulator("PATCH", "/config", {"faults": {"error_5xx_rate": 0.10, "drop_rate": 0.02}})
+
+    state: State = await transcribe(
+        source=source(org_env), settings=settings(org_env, chunk_size=10), return_state=True
+    )
+    assert state.name == "Completed", state.message
+    stats = org_env.stats("stt")
+    assert stats["rejections"]["fault_5xx"] + stats["rejections"]["dropped"] > 0  # faults hit
+    assert stats["completed"] == 60  # none sent to completion twice
+    assert assert_one_row_per_file(org_env.output) == 60
+    assert set(ledger(org_env).status) == {"completed"}
+
+
+async def test_sigkill_mid_run_then_rerun_resends_at_most_the_chunks_in_flight(
+    org_env, emulator
+) -> None:
+    files, chunk_size, concurrent = 160, 10, 4  # the org's stt limit is 4 (conftest)
+    org_env.services.upload(org_env.bucket, good_files(files))
+    emulator("PATCH", "/config", {"latency": {"mean_s": 0.05}})
+    args = {
+        "source": source(org_env).model_dump(mode="json"),
+        "settings": settings(org_env, chunk_size=chunk_size).model_dump(mode="json"),
+    }
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    }
+    threshold = random.randint(30, files - 40)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while org_env.stats("stt")["completed"] < threshold:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the child never reached the threshold"
+            time.sleep(0.02)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert org_env.stats("stt")["completed"] < files, "the child finished before the kill"
+
+    emulator("PATCH", "/config", {"latency": {"mean_s": 0.0}})
+    state: State = await transcribe(
+        source=source(org_env), settings=settings(org_env, chunk_size=chunk_size),
+        return_state=True,
+    )
+    assert state.name == "Completed", state.message
+    assert assert_one_row_per_file(org_env.output) == files
+    assert set(ledger(org_env).status) == {"completed"}
+    # Chunks the runner keeps in flight at once (tasks/runner.py `_fan_out`; keep in sync).
+    chunks_in_flight = math.ceil(8 * concurrent / chunk_size) + 2
+    resent = org_env.stats("stt")["requests"] - files
+    assert 0 <= resent <= chunk_size * chunks_in_flight
+
+
+# --- the bad-input catalogue (docs/reliability.md) ---------------------------------------
+
+# key -> (bytes, stt status, svd status, error class, words the error_detail must hold)
+PER_FILE: dict[str, tuple[bytes, str, str, str | None, str]] = {
+    "in/bad/empty.wav": (b"", "failed", "failed", "BadInput", "empty"),
+    "in/bad/blip.wav": (speech_wav(0.2, seed=1), "completed", "failed", None, "500 ms"),
+    "in/bad/readme.txt": (b"not audio", "skipped", "skipped", None, "extension 'txt'"),
+    "in/bad/notes.wav": (b"meeting notes, not audio\n" * 40, "failed", "failed", "BadInput", ""),
+    "in/bad/corrupt.wav": (b"RIFX" + bytes(range(256)) * 8, "failed", "failed", "BadInput", ""),
+    "in/odd/with space.wav": (speech_wav(1.0, seed=2), "completed", "completed", None, ""),
+    "in/odd/\u00fcn\u00efc\u00f8d\u00e9 \u901a\u8a71.wav": (
+        speech_wav(1.0, seed=3), "completed", "completed", None, ""),
+    "in/a/same.wav": (speech_wav(1.0, seed=4), "completed", "completed", None, ""),
+    "in/b/same.wav": (speech_wav(1.0, seed=5), "completed", "completed", None, ""),
+}
+
+
+async def test_bad_files_each_get_their_documented_outcome(org_env) -> None:
+    org_env.services.upload(org_env.bucket, {k: v[0] for k, v in PER_FILE.items()})
+    await transcribe(source=source(org_env), settings=settings(org_env, chunk_size=4),
+                     return_state=True)
+    await detect_synthetic_voice(source=source(org_env), settings=settings(org_env),
+                                 return_state=True)
+    rows = ledger(org_env)
+    assert len(rows) == 2 * len(PER_FILE)  # nothing lost, nothing doubled
+    for model, column in (("stt", 1), ("svd", 2)):
+        by_key = rows[rows.model == model].set_index("source_uri")
+        for key, expected in PER_FILE.items():
+            row = by_key.loc[f"s3://{org_env.bucket}/{key}"]
+            assert row.status == expected[column], (model, key, row.error_detail)
+            if row.status == "failed":
+                assert len(row.error_detail) > 10, (model, key)
+            if expected[column] != "completed" and expected[4]:
+                assert expected[4] in row.error_detail, (model, key, row.error_detail)
+            if expected[3] and row.status == "failed":
+                assert row.error_class == expected[3], (model, key)
+        same = by_key[by_key.index.str.endswith("/same.wav")]
+        assert same.file_id.nunique() == 2  # the same name under two prefixes: two files
+
+
+async def test_missing_bucket_fails_the_run_naming_the_bucket(org_env) -> None:
+    aws = org_env.services.aws_credentials()
+    await S3Bucket(bucket_name="no-such-bucket", credentials=aws).asave(
+        org_env.block, overwrite=True
+    )
+    state: State = await transcribe(
+        source=source(org_env), settings=settings(org_env), return_state=True
+    )
+    assert state.is_failed()
+    assert "s3://no-such-bucket/" in state.message and "NoSuchBucket" in state.message
+    assert not (org_env.output / "files").exists()
+
+
+async def test_model_not_enabled_stops_the_run_and_marks_no_file(org_env) -> None:
+    org_env.services.upload(org_env.bucket, good_files(3))
+    org_env.set_model("stt", enabled=False)
+    state: State = await transcribe(
+        source=source(org_env), settings=settings(org_env), return_state=True
+    )
+    assert state.is_failed()
+    assert "not enabled" in state.message, state.message
+    assert not (org_env.output / "files").exists()
+
+
+async def test_service_down_fails_the_files_as_transient_and_a_rerun_sends_them(org_env) -> None:
+    org_env.services.upload(org_env.bucket, good_files(5))
+    await ModulateCredentials(
+        api_key=SecretStr(f"key-{org_env.org}"), base_url="http://127.0.0.1:9"
+    ).asave(org_env.block, overwrite=True)
+    state: State = await transcribe(
+        source=source(org_env), settings=settings(org_env), return_state=True
+    )
+    assert state.name == "Completed with failures", state.message
+    rows = ledger(org_env)
+    assert set(rows.status) == {"failed"} and set(rows.error_class) == {"Transient"}
+    await ModulateCredentials(
+        api_key=SecretStr(f"key-{org_env.org}"), base_url=org_env.services.emulator_url
+    ).asave(org_env.block, overwrite=True)
+    state = await transcribe(source=source(org_env), settings=settings(org_env), return_state=True)
+    assert state.name == "Completed"
+    assert set(ledger(org_env).status) == {"completed"}
+
+
+async def test_s3_down_mid_run_fails_the_unread_files_only(org_env, emulator) -> None:
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    down = LocalServices(s3_endpoint=f"http://{host}:{port}", emulator=org_env.services.emulator)
+    try:
+        down.upload(org_env.bucket, good_files(60))
+        await S3Bucket(bucket_name=org_env.bucket, credentials=down.aws_credentials()).asave(
+            org_env.block, overwrite=True
+        )
+        emulator("PATCH", "/config", {"latency": {"mean_s": 0.05}})
+        run = asyncio.ensure_future(transcribe(
+            source=source(org_env), settings=settings(org_env, chunk_size=5), return_state=True
+        ))
+        deadline = time.monotonic() + WAIT_S
+        while org_env.stats("stt")["completed"] < 10:
+            assert not run.done() and time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        moto.stop()
+    state: State = await run
+    assert state.name == "Completed with failures", state.message
+    rows = ledger(org_env)
+    assert len(rows) == 60  # every listed file has its row
+    failed = rows[rows.status == "failed"]
+    assert len(failed) > 0 and failed.error_detail.str.contains("could not read").all()
+    assert (rows.status == "completed").sum() == org_env.stats("stt")["completed"]
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+CANARY = "canary-key-5f0c2a9e7d31"
+
+
+async def test_a_canary_key_appears_in_no_log_artifact_parquet_error_or_parameter(
+    org_env, services, caplog, capfd
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    prefect_logger = logging.getLogger("prefect")  # it does not propagate to the root
+    prefect_logger.addHandler(caplog.handler)
+    # The emulator runs in this process: give the org the canary as a second valid key.
+    services.emulator.state.config.org(org_env.org).velma_keys.append(CANARY)
+    org_env.services.upload(
+        org_env.bucket, good_files(4) | {k: PER_FILE[k][0] for k in list(PER_FILE)[:5]}
+    )
+    texts: list[str] = []
+    try:
+        for key in (CANARY, CANARY + "-refused"):  # a run that works, then one refused
+            await ModulateCredentials(
+                api_key=SecretStr(key), base_url=org_env.services.emulator_url
+            ).asave(org_env.block, overwrite=True)
+            state: State = await transcribe(
+                source=source(org_env), settings=settings(org_env), return_state=True
+            )
+            result = await state.aresult(raise_on_failure=False)
+            texts += [state.message or "", str(result), repr(result)]
+        assert state.is_failed()  # the refused key stopped the second run
+    finally:
+        prefect_logger.removeHandler(caplog.handler)
+    assert "completed" in set(ledger(org_env).status)  # the canary did the work
+
+    captured = capfd.readouterr()
+    texts += [caplog.text, captured.out, captured.err]
+    async with get_client() as client:
+        texts += [a.model_dump_json() for a in await client.read_artifacts()]
+        texts += [run.model_dump_json() for run in await client.read_flow_runs()]
+        texts += [run.model_dump_json() for run in await client.read_task_runs()]
+    for path in org_env.output.rglob("*.parquet"):
+        texts.append(path.read_bytes().decode("latin-1"))
+        texts.append(pd.read_parquet(path).to_json())
+    assert len(texts) > 10
+    leaks = [text[max(0, text.find(CANARY) - 80):][:200] for text in texts if CANARY in text]
+    assert not leaks
