@@ -114,8 +114,9 @@ def _print_summary(
     for column in ("model", "completed", "failed", "skipped", "deferred", "audio minutes"):
         ledger.add_column(column, justify="right")
     rows = con.execute(
-        f"select model, count(*) filter (status = 'completed'), count(*) filter (status = 'failed'),"
-        f" count(*) filter (status = 'skipped'), count(*) filter (status = 'deferred_quota'),"
+        "select model, count(*) filter (status = 'completed'),"
+        " count(*) filter (status = 'failed'), count(*) filter (status = 'skipped'),"
+        " count(*) filter (status = 'deferred_quota'),"
         f" round(sum(audio_duration_ms) / 60000.0, 1) from {scan('files')} group by all order by 1"
     ).fetchall()
     for row in rows:
