@@ -90,6 +90,11 @@ async def platform_jobs(
 
     Jobs left open by an earlier run (a crash, a poll timeout) are polled again, never
     resubmitted. Posting holds the organisation's `platform` concurrent limit; waiting does not.
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        options: Files per job, the analyses to run (flags), and how to poll.
+        settings: The Platform credentials, org-limits and output block names.
     """
     logger = get_run_logger()
     bucket = await S3Bucket.aload(source.bucket_block)

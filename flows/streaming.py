@@ -40,6 +40,10 @@ async def stream_transcribe(
     """Transcribe S3 audio over the STT WebSocket into the transcripts and utterances tables.
 
     Partial results, when asked for, are superseded by the final utterances and not stored.
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await _run("stt", source, options, settings)
 
@@ -50,7 +54,12 @@ async def stream_detect_synthetic_voice(
     options: Options = StreamParams(),  # noqa: B008 - frozen pydantic model
     settings: RunSettings = RunSettings(),
 ) -> State:
-    """Score S3 audio for synthetic voices over the SVD WebSocket (detections tables)."""
+    """Score S3 audio for synthetic voices over the SVD WebSocket (detections tables).
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        settings: The credentials, org-limits and output block names, and the chunk size.
+    """
     return await _run("svd", source, options, settings)
 
 
@@ -67,6 +76,10 @@ async def stream_redact_pii(
 
     A redacted file lands at <audio_output_prefix>/<original key without extension>.redacted.mp3;
     text, utterances and the spans of redacted utterances go to the redactions table.
+
+    Args:
+        source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await _run("pii", source, options, settings, audio_output_prefix)
 
