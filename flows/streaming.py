@@ -43,6 +43,7 @@ async def stream_transcribe(
 
     Args:
         source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        options: Connection options; leave audio_format empty to take it from each file.
         settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await _run("stt", source, options, settings)
@@ -58,6 +59,7 @@ async def stream_detect_synthetic_voice(
 
     Args:
         source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        options: Connection options; leave audio_format empty to take it from each file.
         settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await _run("svd", source, options, settings)
@@ -79,6 +81,8 @@ async def stream_redact_pii(
 
     Args:
         source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
+        options: Connection options; leave audio_format empty to take it from each file.
+        audio_output_prefix: Prefix in the input bucket for the redacted MP3s.
         settings: The credentials, org-limits and output block names, and the chunk size.
     """
     return await _run("pii", source, options, settings, audio_output_prefix)
