@@ -14,13 +14,16 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import duckdb
 import httpx
 import pandas as pd
@@ -249,6 +252,104 @@ async def test_s3_down_mid_run_fails_the_unread_files_only(org_env, emulator) ->
     failed = rows[rows.status == "failed"]
     assert len(failed) > 0 and failed.error_detail.str.contains("could not read").all()
     assert (rows.status == "completed").sum() == org_env.stats("stt")["completed"]
+
+
+# --- wrong S3 credentials: a moto server of its own that checks signatures ----------------
+
+S3_ALL = json.dumps({"Version": "2012-10-17",
+                     "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]})
+
+
+@dataclass
+class CheckedS3:
+    """A moto server that checks signatures, a bucket on it and the access keys of two users."""
+
+    services: LocalServices
+    reader: tuple[str, str]  # (key id, secret) of a user allowed s3:*
+    stranger: tuple[str, str]  # a valid key of a user with no policy
+
+
+@pytest.fixture
+def checked_s3(org_env, tmp_path: Path) -> Iterator[CheckedS3]:
+    """moto checks signatures after INITIAL_NO_AUTH_ACTION_COUNT requests, process-wide: it
+    gets a process of its own so the session's shared moto keeps accepting any key."""
+    files = good_files(2)
+    # The requests let through unsigned: 2 users, 1 policy, 2 keys, the bucket, the files.
+    setup_requests = 5 + 1 + len(files)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "moto.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(setup_requests)},
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            assert server.poll() is None, (tmp_path / "moto.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "moto server did not start"
+            try:
+                httpx.get(f"{endpoint}/moto-api/", timeout=1).raise_for_status()  # not counted
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        checked = LocalServices(s3_endpoint=endpoint, emulator=org_env.services.emulator)
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        keys = []
+        for user in ("reader", "stranger"):
+            iam.create_user(UserName=user)
+            if user == "reader":
+                iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=S3_ALL)
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            keys.append((key["AccessKeyId"], key["SecretAccessKey"]))
+        checked.upload(org_env.bucket, files)
+        yield CheckedS3(services=checked, reader=keys[0], stranger=keys[1])
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+
+
+async def use_keys(org_env, checked: CheckedS3, key_id: str, secret: str) -> None:
+    aws = checked.services.aws_credentials().model_copy(
+        update={"aws_access_key_id": key_id, "aws_secret_access_key": SecretStr(secret)}
+    )
+    await S3Bucket(bucket_name=org_env.bucket, credentials=aws).asave(
+        org_env.block, overwrite=True
+    )
+
+
+async def test_wrong_s3_credentials_fail_the_run_at_listing_naming_the_block(
+    org_env, checked_s3
+) -> None:
+    reader_id, reader_secret = checked_s3.reader
+    wrong = {
+        "SignatureDoesNotMatch": (reader_id, "wrong-secret-canary-7e21"),
+        "InvalidAccessKeyId": ("AKIAUNKNOWNKEY000000", "wrong-secret-canary-7e21"),
+        "AccessDenied": checked_s3.stranger,
+    }
+    for code, (key_id, secret) in wrong.items():
+        await use_keys(org_env, checked_s3, key_id, secret)
+        state: State = await transcribe(
+            source=source(org_env), settings=settings(org_env), return_state=True
+        )
+        assert state.is_failed(), (code, state.name)
+        assert f"S3 Bucket block {org_env.block!r}" in state.message, state.message
+        assert f"s3://{org_env.bucket}/in/" in state.message and code in state.message
+        assert secret not in state.message and reader_secret not in state.message
+        assert not (org_env.output / "files").exists()  # no ledger row
+    assert org_env.stats("stt")["requests"] == 0
+
+    # The right key on the same server: the refusals above were the signature check.
+    await use_keys(org_env, checked_s3, reader_id, reader_secret)
+    state = await transcribe(source=source(org_env), settings=settings(org_env),
+                             return_state=True)
+    assert state.name == "Completed", state.message
+    assert list(ledger(org_env).status) == ["completed", "completed"]
 
 
 # --- secrets ------------------------------------------------------------------------------
