@@ -83,6 +83,13 @@ class PlatformClient(_BaseHTTPClient):
         )
         return await self._send(ENDPOINT, request, _json_parser(Submission))
 
+    async def finalize_job(self, job_id: str) -> Submission:
+        """Finalize a multi-file job without a further file (its last file was refused)."""
+        if not job_id:
+            raise ValueError("job_id is required")
+        request = _build_finalize(self._base_url, self._headers(), job_id)
+        return await self._send(ENDPOINT, request, _json_parser(Submission))
+
     async def create_realtime_session(self, flags: PlatformFlags) -> RealtimeSession:
         """Create a realtime job; its `realtime_url` is for the Pipecat client SDK."""
         request = _build_realtime(self._base_url, self._headers(), flags)
@@ -124,6 +131,15 @@ def _build_submit(
         if job_id is not None:
             body[wire.JOB_ID] = job_id
         body[wire.FINALIZE_JOB] = finalize
+    return httpx.Request("POST", base_url + wire.SUBMIT_PATH, headers=headers, json=body)
+
+
+def _build_finalize(base_url: str, headers: dict[str, str], job_id: str) -> httpx.Request:
+    body = {
+        wire.SUBMISSION_TYPE: wire.TYPE_MULTI_FILE,
+        wire.JOB_ID: job_id,
+        wire.FINALIZE_JOB: True,
+    }
     return httpx.Request("POST", base_url + wire.SUBMIT_PATH, headers=headers, json=body)
 
 

@@ -13,6 +13,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,7 @@ from modulate import (
     PlatformFlags,
     RealtimeSession,
     RetryPolicy,
+    Submission,
     decide,
 )
 from modulate.limits import GiveUp
@@ -204,8 +206,19 @@ async def submit_job(run: PlatformRun, record: JobRecord) -> JobRecord:
         await asyncio.to_thread(save_record, run.location, record)
     await asyncio.to_thread(run.write, "files", failed, f"submit:{_files_seed(record)}")
     if record.job_id is not None and not record.finalized:
-        # The last file was refused after others were accepted: the job cannot be finalized
-        # without a file (the client has no finalize-only call), so its files fail for now.
+        # The last file was refused after others were accepted: finalize the job without it,
+        # so the accepted files still get their results.
+        job_id = record.job_id
+        try:
+            await _with_policy(run, lambda: run.client.finalize_job(job_id))
+        except AuthError as exc:
+            raise RunStopped(str(exc)) from None
+        except ModulateError as exc:
+            logger.warning("job %s could not be finalized: %s", job_id, type(exc).__name__)
+        else:
+            record.finalized = True
+            await asyncio.to_thread(save_record, run.location, record)
+            return record
         detail = "job could not be finalized: its last file was refused"
         rows = [run.ledger_row(f, "failed", error="BadInput", detail=detail)
                 for f in record.files if f.posted]
@@ -281,19 +294,28 @@ async def create_realtime_session(
 
 async def _post(
     run: PlatformRun, f: JobFileRecord, audio: bytes, job_id: str | None, *, finalize: bool
-) -> Any:
+) -> Submission:
     """One file's POST under a slot, retried per the policy; waits hold no slot."""
+
+    def send() -> Awaitable[Submission]:
+        f.attempts += 1
+        return run.client.submit_file(
+            audio, f.filename, flags=run.flags, job_id=job_id, finalize=finalize
+        )
+
+    return await _with_policy(run, send)
+
+
+async def _with_policy(run: PlatformRun, send: Callable[[], Awaitable[Submission]]) -> Submission:
+    """One POST under a slot, retried per the policy; waits hold no slot."""
     started = time.monotonic()
     transient = 0
     run.pool.add_demand(1)
     try:
         while True:
             async with run.pool.slot():
-                f.attempts += 1
                 try:
-                    return await run.client.submit_file(
-                        audio, f.filename, flags=run.flags, job_id=job_id, finalize=finalize
-                    )
+                    return await send()
                 except (AuthError, BadInput, MonthlyLimitReached):
                     raise
                 except ModulateError as exc:

@@ -271,6 +271,24 @@ async def test_five_mb_limit_and_unknown_job(org_env, emulator) -> None:
     assert closed["00000000-dead-4000-8000-000000000000"] == "unknown"
 
 
+async def test_a_refused_last_file_still_finalizes_the_job(org_env, emulator) -> None:
+    job_seconds(emulator, 0.0)
+    # In name order the corrupt file is the job's last: the service refuses it (400).
+    files = wavs(["a.wav", "b.wav"]) | {"in/z-corrupt.wav": b"RIFX" + bytes(4096)}
+    org_env.services.upload(org_env.bucket, files)
+
+    state = await run(org_env)
+    assert state.name == "Completed with failures"
+    rows = ledger(org_env)
+    assert rows.loc["z-corrupt.wav", "status"] == "failed"
+    assert rows.loc["z-corrupt.wav", "error_class"] == "BadInput"
+    assert list(rows.loc[["a.wav", "b.wav"], "status"]) == ["completed", "completed"]
+    (record,) = records(org_env)
+    assert record.finalized and record.closed
+    results = pd.read_parquet(org_env.output / "platform_results")
+    assert sorted(results.filename) == ["a.wav", "b.wav"]
+
+
 def _config_hash() -> str:
     return config_hash_for({"model": "platform", "flags": FLAGS.model_dump()})
 
