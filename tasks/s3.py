@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +18,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.schemas import file_id_for
 
 __all__ = [
     "AudioObject",
@@ -85,7 +86,7 @@ class AudioObject:
     @property
     def file_id(self) -> str:
         """Stable id of this object version: a changed object is a new file."""
-        return hashlib.sha256(f"{self.uri}\n{self.etag}".encode()).hexdigest()[:16]
+        return file_id_for(self.uri, self.etag)
 
     @property
     def filename(self) -> str:
