@@ -7,6 +7,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+# Mirrors bench.run.ORGS, which cannot be imported before configure_environment().
+ORDER = ("ours-small", "ours", "plain", "naive")
+
 __all__ = ["configure_environment", "main"]
 
 
@@ -25,6 +28,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="200 files, baseline b on 50")
     parser.add_argument("--chunk-size", type=int, default=None, help="our flow's chunk_size")
     parser.add_argument("--output", type=Path, default=None, help="JSON path")
+    parser.add_argument(
+        "--only", action="append", choices=ORDER, default=None,
+        help="run only this contender (repeatable; targets need all four)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None,
+        help="cProfile our flow's runs into <PROFILE>-<contender>.prof (slows them down)",
+    )
     args = parser.parse_args(argv)
     configure_environment()
     from bench.run import DEFAULT_FILES, DEFAULT_NAIVE_FILES, QUICK, RESULTS, run_bench
@@ -32,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     files = args.files or (QUICK["files"] if args.quick else DEFAULT_FILES)
     naive = args.naive_files or (QUICK["naive_files"] if args.quick else DEFAULT_NAIVE_FILES)
     run_bench(files=files, naive_files=naive, chunk_size=args.chunk_size,
-              output=args.output or RESULTS)
+              output=args.output or RESULTS, only=frozenset(args.only or ORDER),
+              profile=args.profile)
 
 
 if __name__ == "__main__":

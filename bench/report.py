@@ -88,6 +88,8 @@ def print_report(results: dict[str, Any], console: Console) -> None:
             f"{run['cpu_ms_per_file']:.2f}", f"{run['peak_rss_mb']:.0f}",
         )
     console.print(table)
+    if not results["targets"]:
+        return  # a partial run (--only)
     verdicts = Table(title="Targets")
     for column in ("target", "value", "mark", "result"):
         verdicts.add_column(column)

@@ -7,8 +7,11 @@ size, before the baselines allocate anything, so its RSS growth is its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import cProfile
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,14 @@ def run_bench(
     chunk_size: int | None = None,
     output: Path = RESULTS,
     console: Console | None = None,
+    only: frozenset[str] = frozenset(ORGS),
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Start the services and a Prefect test server, run the contenders, write the JSON."""
+    """Start the services and a Prefect test server, run the contenders, write the JSON.
+
+    `only` picks contenders (to iterate on one; the targets need all four); `profile`
+    cProfiles our flow's runs into `<profile>-<contender>.prof`.
+    """
     console = console or Console(width=150)
     # boto3 keeps 10 connections per client; the baselines read with more threads than that.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -52,7 +61,9 @@ def run_bench(
         services.set_latency(LATENCY_S)
         console.print("Starting a Prefect test server")
         with prefect_test_harness(server_startup_timeout=120):
-            runs = asyncio.run(_run_all(services, files, small, naive_files, chunk_size, console))
+            runs = asyncio.run(_run_all(
+                services, files, small, naive_files, chunk_size, console, only, profile
+            ))
     results = _results(runs, files, small, naive_files, chunk_size)
     report.write_json(results, output)
     report.print_report(results, console)
@@ -67,29 +78,36 @@ async def _run_all(
     naive_files: int,
     chunk_size: int | None,
     console: Console,
+    only: frozenset[str],
+    profile: Path | None,
 ) -> dict[str, dict[str, Any]]:
     keys = [key for key, _ in _keys(files)]
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="modulate-bench-out-") as out:
         for org, n in (("ours-small", small), ("ours", files)):
+            if org not in only:
+                continue
             console.print(f"ours: transcribe flow on {n} files")
             await contenders.prepare_ours(
                 services, org=org, bucket=BUCKET, output_root=f"{out}/{org}",
                 concurrent=CONCURRENT,
             )
             services.reset_stats()
-            with contenders.measure(services) as measured:
+            with contenders.measure(services) as measured, _profiled(profile, org):
                 summary = await contenders.run_ours(
                     org=org, prefix=PREFIX, files=n, chunk_size=chunk_size
                 )
             runs[org] = _run(services, org, n, summary.files.get("completed", 0), measured)
-    console.print(f"plain: vendor-docs script on {files} files")
-    services.reset_stats()
-    with contenders.measure(services) as measured:
-        done = await contenders.run_plain(
-            services, org="plain", bucket=BUCKET, keys=keys, concurrent=CONCURRENT
-        )
-    runs["plain"] = _run(services, "plain", files, done, measured)
+    if "plain" in only:
+        console.print(f"plain: vendor-docs script on {files} files")
+        services.reset_stats()
+        with contenders.measure(services) as measured:
+            done = await contenders.run_plain(
+                services, org="plain", bucket=BUCKET, keys=keys, concurrent=CONCURRENT
+            )
+        runs["plain"] = _run(services, "plain", files, done, measured)
+    if "naive" not in only:
+        return runs
     console.print(f"naive: one Prefect task per file on the first {naive_files} files")
     services.reset_stats()
     with contenders.measure(services) as measured:
@@ -98,6 +116,21 @@ async def _run_all(
         )
     runs["naive"] = _run(services, "naive", naive_files, done, measured)
     return runs
+
+
+@contextlib.contextmanager
+def _profiled(path: Path | None, org: str) -> Iterator[None]:
+    """cProfile the block into `<path>-<org>.prof` (nothing when path is None)."""
+    if path is None:
+        yield
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        profiler.dump_stats(f"{path}-{org}.prof")
 
 
 def _keys(files: int) -> list[tuple[str, None]]:
@@ -130,9 +163,6 @@ def _results(
     runs: dict[str, dict[str, Any]], files: int, small: int, naive_files: int,
     chunk_size: int | None,
 ) -> dict[str, Any]:
-    ours = runs["ours"]
-    plain_rate = max(runs["plain"]["files_per_s"], 1e-9)
-    naive_rate = max(runs["naive"]["files_per_s"], 1e-9)
     results: dict[str, Any] = {
         "machine": report.machine(),
         "params": {
@@ -147,12 +177,18 @@ def _results(
             "process's own (our flow, or the baseline, plus the Prefect client)",
         },
         "contenders": runs,
-        "ratios": {
-            "ours_of_limit": ours["of_limit"],
-            "ours_vs_plain": round(ours["files_per_s"] / plain_rate, 3),
-            "ours_vs_naive": round(ours["files_per_s"] / naive_rate, 3),
-        },
-        "rss_growth_mb": round(ours["peak_rss_mb"] - runs["ours-small"]["peak_rss_mb"], 1),
     }
+    if set(runs) != set(ORGS):  # a partial run (--only): its rows, no ratios or targets
+        results["targets"] = []
+        return results
+    ours = runs["ours"]
+    plain_rate = max(runs["plain"]["files_per_s"], 1e-9)
+    naive_rate = max(runs["naive"]["files_per_s"], 1e-9)
+    results["ratios"] = {
+        "ours_of_limit": ours["of_limit"],
+        "ours_vs_plain": round(ours["files_per_s"] / plain_rate, 3),
+        "ours_vs_naive": round(ours["files_per_s"] / naive_rate, 3),
+    }
+    results["rss_growth_mb"] = round(ours["peak_rss_mb"] - runs["ours-small"]["peak_rss_mb"], 1)
     results["targets"] = report.targets(results)
     return results

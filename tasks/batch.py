@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import time
 from collections import Counter
@@ -105,6 +106,14 @@ class RunContext:
         self.streaming: StreamRoute | None = None
         self._probe = asyncio.Condition()
         self._probing = False
+        # Files between their S3 read and the end of their call: the pool's slots plus as
+        # many read ahead. Unbounded, every file of the chunks in flight was read at once:
+        # all their audio sat in memory (400 files here; 100 MB files would not fit), and
+        # since read_object takes two hops through the default thread pool (GET, then the
+        # body), a new chunk queued all its GETs ahead of its first body read: its first
+        # call waited for all of them (3.5 s at start-up with 4 chunks of 100). A read ahead
+        # per slot keeps the slots fed whenever a read is shorter than a call.
+        self.reads = asyncio.Semaphore(2 * pool.fallback_limit)
 
     @contextlib.asynccontextmanager
     async def permit(self) -> AsyncIterator[bool]:
@@ -145,9 +154,10 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
     Returns:
         One outcome per file, in order.
     """
+    logger = get_run_logger()  # once per chunk, not per file: it walks the run context
     try:
         async with asyncio.TaskGroup() as group:
-            running = [group.create_task(_process_file(ctx, obj)) for obj in objects]
+            running = [group.create_task(_process_file(ctx, obj, logger)) for obj in objects]
     except* (AuthError, RunStopped) as stopped:
         # One bad key fails every file alike: stop the chunk, mark none of them failed.
         raise stopped.exceptions[0] from None
@@ -162,12 +172,12 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
         (ctx.config_hash + "".join(sorted(o.file_id for o in objects))).encode()
     ).hexdigest()[:16]
     ledger = [file_row for file_row, _ in results]
-    for table, rows in [*sorted(tables.items()), ("files", ledger)]:
-        if rows:
-            await asyncio.to_thread(
-                output.write_fragment, ctx.location, table, rows, fragment_id=fragment_id
-            )
-            ctx.touched.update((table, row["date"]) for row in rows)
+    writes = [(table, rows) for table, rows in [*sorted(tables.items()), ("files", ledger)] if rows]
+    # One thread hop for the chunk's tables: each hop is a wake-up of the event loop,
+    # which is busy with every other chunk's calls meanwhile.
+    await asyncio.to_thread(_write_tables, ctx.location, writes, fragment_id)
+    for table, rows in writes:
+        ctx.touched.update((table, row["date"]) for row in rows)
     outcomes = [
         FileOutcome(row["status"], row["error_class"], row["audio_duration_ms"]) for row in ledger
     ]
@@ -177,16 +187,25 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
     return outcomes
 
 
+def _write_tables(
+    location: OutputLocation, writes: list[tuple[str, list[dict[str, Any]]]], fragment_id: str
+) -> None:
+    """Write the chunk's fragments in order (the ledger last; see process_chunk)."""
+    for table, rows in writes:
+        output.write_fragment(location, table, rows, fragment_id=fragment_id)
+
+
 def _infrastructure_failure(error: object) -> bool:
     """Retry a chunk only for what a second try can mend (S3 or Parquet writes), never a
     stop of the run; per-file retries live in `_call_with_policy`."""
     return not isinstance(error, RunStopped | ModulateError)
 
 
-async def _process_file(ctx: RunContext, obj: AudioObject) -> tuple[dict[str, Any], Rows]:
+async def _process_file(
+    ctx: RunContext, obj: AudioObject, logger: logging.Logger | logging.LoggerAdapter[Any]
+) -> tuple[dict[str, Any], Rows]:
     if ctx.streaming is not None and obj.size > MAX_BATCH_BYTES:
-        return await _process_file(await ctx.streaming.context(), obj)
-    logger = get_run_logger()
+        return await _process_file(await ctx.streaming.context(), obj, logger)
     key = {
         "file_id": obj.file_id,
         "config_hash": ctx.config_hash,
@@ -218,24 +237,27 @@ async def _process_file(ctx: RunContext, obj: AudioObject) -> tuple[dict[str, An
                       f"accepted by {ctx.job.model}"), {}
     if ctx.breaker.open:
         return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
-    audio: bytes | None = None  # a streaming job reads S3 in ranges itself as it sends
-    try:
-        if getattr(ctx.job, "reads_whole_file", True):
-            audio = await read_object(ctx.s3_client, obj.bucket, obj.key)
-    except Exception as exc:  # noqa: BLE001 - any S3 failure fails this file, not the batch
-        return finish(FAILED, exc, detail=f"could not read {obj.uri}: {type(exc).__name__}"), {}
+    async with ctx.reads:  # from the read to the end of the call: see RunContext.reads
+        audio: bytes | None = None  # a streaming job reads S3 in ranges itself as it sends
+        try:
+            if getattr(ctx.job, "reads_whole_file", True):
+                audio = await read_object(ctx.s3_client, obj.bucket, obj.key)
+        except Exception as exc:  # noqa: BLE001 - any S3 failure fails this file, not the batch
+            detail = f"could not read {obj.uri}: {type(exc).__name__}"
+            return finish(FAILED, exc, detail=detail), {}
 
-    ctx.pool.add_demand(1)
-    try:
-        result = await _call_with_policy(ctx, obj, audio, ledger)
-    except _Deferred:
-        return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
-    except (AuthError, RunStopped):
-        raise
-    except ModulateError as exc:
-        return finish(FAILED, exc), {}
-    finally:
-        ctx.pool.add_demand(-1)
+        ctx.pool.add_demand(1)
+        try:
+            result = await _call_with_policy(ctx, obj, audio, ledger)
+        except _Deferred:
+            return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
+        except (AuthError, RunStopped):
+            raise
+        except ModulateError as exc:
+            return finish(FAILED, exc), {}
+        finally:
+            ctx.pool.add_demand(-1)
+            del audio  # the rows need only the result
     rows = await ctx.job.rows(result, obj, key)
     ledger["audio_duration_ms"] = getattr(result, "duration_ms", None) or getattr(
         getattr(result, "metadata", None), "duration_ms", None

@@ -86,7 +86,7 @@ def test_run_form_has_typed_fields_with_help(deployments: dict[str, dict[str, An
             for field in fields:
                 assert properties[field].get("description"), (name, model, field)
         chunk = definitions["RunSettings"]["properties"]["chunk_size"]
-        assert (chunk["default"], chunk["minimum"], chunk["maximum"]) == (50, 1, 1000)
+        assert (chunk["default"], chunk["minimum"], chunk["maximum"]) == (100, 1, 1000)
     nightly = deployments["nightly"]["parameters"]
     assert nightly["source"]["prefix"] == "calls/"
     assert nightly["settings"]["credentials_block"] == "modulate"
