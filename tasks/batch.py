@@ -104,6 +104,7 @@ class RunContext:
         self.touched: set[tuple[str, str]] = set()  # (table, date) written this run
         # Files over the batch size limit go to the job's streaming model (tasks/streaming.py).
         self.streaming: StreamRoute | None = None
+        self.first_call = asyncio.Event()  # set by the run's first call to the service
         self._probe = asyncio.Condition()
         self._probing = False
         # Files between their S3 read and the end of their call: the pool's slots plus as
@@ -279,6 +280,7 @@ async def _call_with_policy(
             if not permitted:
                 raise _Deferred
             ctx.calls += 1
+            ctx.first_call.set()
             ledger["attempts"] += 1
             try:
                 result = await ctx.job.call(ctx.client, audio, obj)

@@ -142,8 +142,13 @@ def _selected(obj: AudioObject, selection: S3Input) -> bool:
 
 async def read_object(s3_client: Any, bucket: str, key: str) -> bytes:
     """The whole object's bytes (batch files are at most 100 MB)."""
-    response = await asyncio.to_thread(s3_client.get_object, Bucket=bucket, Key=key)
-    return await asyncio.to_thread(response["Body"].read)
+
+    def get() -> bytes:
+        body: bytes = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return body
+
+    # One thread hop, not two: each hop is a wake-up of the event loop the calls share.
+    return await asyncio.to_thread(get)
 
 
 async def write_object(
