@@ -139,20 +139,7 @@ async def run_plain(
     async def one(client: httpx.AsyncClient, key: str) -> bool:
         audio = await asyncio.to_thread(_read, s3, bucket, key)
         async with semaphore:
-            for attempt in range(PLAIN_MAX_ATTEMPTS):
-                response = await client.post(
-                    url,
-                    headers={"X-API-Key": f"key-{org}"},
-                    files={"upload_file": (key.rsplit("/", 1)[-1], audio, "audio/wav")},
-                    data=STT_FORM,
-                )
-                if response.status_code == 429:
-                    await asyncio.sleep(2**attempt + random.uniform(0, 1))
-                    continue
-                response.raise_for_status()
-                response.json()
-                return True
-        return False
+            return await _post_retrying_429(client, url, f"key-{org}", key, audio)
 
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
         done = await asyncio.gather(*(one(client, key) for key in keys))
@@ -170,18 +157,26 @@ async def _naive_file(key: str) -> bool:
     bucket, s3, url, api_key = _naive["bucket"], _naive["s3"], _naive["url"], _naive["api_key"]
     audio = await asyncio.to_thread(_read, s3, bucket, key)
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
-        for attempt in range(PLAIN_MAX_ATTEMPTS):
-            response = await client.post(
-                url,
-                headers={"X-API-Key": api_key},
-                files={"upload_file": (key.rsplit("/", 1)[-1], audio, "audio/wav")},
-                data=STT_FORM,
-            )
-            if response.status_code == 429:
-                await asyncio.sleep(2**attempt + random.uniform(0, 1))
-                continue
-            response.raise_for_status()
-            return True
+        return await _post_retrying_429(client, url, api_key, key, audio)
+
+
+async def _post_retrying_429(
+    client: httpx.AsyncClient, url: str, api_key: str, key: str, audio: bytes
+) -> bool:
+    """The vendor docs' retry helper: back off `2**attempt + U(0, 1)` s on 429, else done."""
+    for attempt in range(PLAIN_MAX_ATTEMPTS):
+        response = await client.post(
+            url,
+            headers={"X-API-Key": api_key},
+            files={"upload_file": (key.rsplit("/", 1)[-1], audio, "audio/wav")},
+            data=STT_FORM,
+        )
+        if response.status_code == 429:
+            await asyncio.sleep(2**attempt + random.uniform(0, 1))
+            continue
+        response.raise_for_status()
+        response.json()
+        return True
     return False
 
 
