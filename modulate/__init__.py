@@ -1,7 +1,7 @@
 """Async clients for Modulate's Velma-2 model APIs and Platform API, with error classification.
 
 Knows nothing of Prefect, S3 or Parquet. See `errors` for the taxonomy and `limits` for the
-retry policy and quota breaker.
+retry policy and the one retry loop, `gate` for the evidence about an org's limits.
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ from .errors import (
     classify,
     redact_url,
 )
-from .limits import GiveUp, QuotaBreaker, Retry, RetryPolicy, RetryRecord, decide, parse_retry_after
+from .gate import ModelGate
+from .limits import (
+    Deferred,
+    GiveUp,
+    Retry,
+    RetryPolicy,
+    RetryRecord,
+    call_with_retries,
+    decide,
+    mark_admitted,
+    parse_retry_after,
+)
 from .models import (
     Done,
     FrameEvent,
@@ -48,18 +59,19 @@ __all__ = [
     "BatchClient",
     "ConcurrencyLimited",
     "CustomTerm",
+    "Deferred",
     "Done",
     "FrameEvent",
     "GiveUp",
     "JobFile",
     "JobStatus",
+    "ModelGate",
     "ModelNotEnabled",
     "ModulateError",
     "MonthlyLimitReached",
     "PartialUtterance",
     "PlatformClient",
     "PlatformFlags",
-    "QuotaBreaker",
     "RealtimeSession",
     "RedactedAudioWindow",
     "Redaction",
@@ -80,8 +92,10 @@ __all__ = [
     "Utterance",
     "UtteranceEvent",
     "VFastTranscript",
+    "call_with_retries",
     "classify",
     "decide",
+    "mark_admitted",
     "parse_retry_after",
     "redact_url",
     "wav_duration_ms",

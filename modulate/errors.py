@@ -4,7 +4,8 @@ Every failure of a call (HTTP status, WebSocket close code, `detail`/`error` tex
 exception) becomes exactly one of these classes before anything decides whether to retry:
 
 * ModulateError
-  + ConcurrencyLimited     - too many calls at once (or ambiguous: `quota_suspect=True`)
+  + ConcurrencyLimited     - too many calls at once (or ambiguous: `quota_suspect=True`,
+  |                          and `access_suspect=True` where a bad key answers the same)
   + MonthlyLimitReached    - the org's monthly usage (credits) for the model is used up
   + AuthError              - the key is missing or wrong
   |  + ModelNotEnabled     - the key is valid but the model is not enabled for the org
@@ -90,15 +91,28 @@ class ConcurrencyLimited(ModulateError):
 
     The pipeline waits a few seconds with jitter (or Retry-After) and retries without counting it
     against the file's retry budget. `quota_suspect=True` means the signal could also be the
-    monthly limit (or, on SVD, a bad key or model access): the QuotaBreaker decides on evidence.
+    monthly limit, and `access_suspect=True` that it could also be a bad key or a model not
+    enabled (SVD's 403): the run's ModelGate (modulate/gate.py) decides on evidence.
     """
 
-    def __init__(self, message: str, *, quota_suspect: bool = False, **context: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        quota_suspect: bool = False,
+        access_suspect: bool = False,
+        **context: Any,
+    ) -> None:
         super().__init__(message, **context)
         self.quota_suspect = quota_suspect
+        self.access_suspect = access_suspect
 
     def _context(self) -> dict[str, Any]:
-        return {**super()._context(), "quota_suspect": self.quota_suspect}
+        return {
+            **super()._context(),
+            "quota_suspect": self.quota_suspect,
+            "access_suspect": self.access_suspect,
+        }
 
 
 class MonthlyLimitReached(ModulateError):
@@ -176,6 +190,7 @@ class _Rule:
     pattern: re.Pattern[str] | None
     cls: type[ModulateError]
     quota_suspect: bool = False
+    access_suspect: bool = False
 
 
 def _r(
@@ -186,9 +201,10 @@ def _r(
     *,
     endpoints: frozenset[str] | None = None,
     quota_suspect: bool = False,
+    access_suspect: bool = False,
 ) -> _Rule:
     frozen = None if values is None else frozenset(values)
-    return _Rule(kind, frozen, endpoints, pattern, cls, quota_suspect)
+    return _Rule(kind, frozen, endpoints, pattern, cls, quota_suspect, access_suspect)
 
 
 # Ordered most specific first; the first row that matches wins. Detail patterns are checked in
@@ -204,7 +220,8 @@ _RULES: tuple[_Rule, ...] = (
     _r("http", _LIMIT_STATUSES, _CREDITS, ConcurrencyLimited, quota_suspect=True),
     _r("http", {403}, _NOT_ENABLED, ModelNotEnabled),
     # SVD's 403 covers bad keys, model access and both limits (auth page): ambiguous.
-    _r("http", {403}, _ANY, ConcurrencyLimited, endpoints=_SVD, quota_suspect=True),
+    _r("http", {403}, _ANY, ConcurrencyLimited, endpoints=_SVD, quota_suspect=True,
+       access_suspect=True),
     _r("http", {403}, _ANY, ModelNotEnabled),  # "This request is not permitted." elsewhere
     _r("http", {429}, _ANY, ConcurrencyLimited, quota_suspect=True),
     _r("http", {400, 404, 409, 413, 415, 422}, _ANY, BadInput),
@@ -216,7 +233,8 @@ _RULES: tuple[_Rule, ...] = (
     _r("close", _LIMIT_CODES, _CONCURRENCY, ConcurrencyLimited),
     _r("close", _LIMIT_CODES, _CREDITS, ConcurrencyLimited, quota_suspect=True),
     _r("close", {4003}, _NOT_ENABLED, ModelNotEnabled),
-    _r("close", {4003}, _ANY, ConcurrencyLimited, endpoints=_SVD, quota_suspect=True),
+    _r("close", {4003}, _ANY, ConcurrencyLimited, endpoints=_SVD, quota_suspect=True,
+       access_suspect=True),
     _r("close", {4003}, _ANY, ModelNotEnabled),
     _r("close", {4029}, _ANY, ConcurrencyLimited, quota_suspect=True),
     _r("close", {1003, 1007, 1009, 4002}, _ANY, BadInput),
@@ -238,8 +256,6 @@ def classify(
     detail: object = None,
     headers: Mapping[str, str] | None = None,
     exc: BaseException | None = None,
-    in_flight: int | None = None,
-    limit: int | None = None,
 ) -> ModulateError:
     """Translate one failure signal into its ModulateError; pure, no I/O.
 
@@ -252,8 +268,9 @@ def classify(
             `error` text / close reason.
         headers: response headers (for Retry-After).
         exc: a transport exception (httpx, websockets, OSError, TimeoutError) to classify.
-        in_flight: other calls to this org+model in flight when this one was rejected.
-        limit: the configured concurrent limit for this org+model.
+
+    What a signal cannot tell (is a 429 "Insufficient credits." the month or a burst?) is left
+    to the run's ModelGate, which weighs it with the calls in flight and the successes seen.
 
     Unmatched defaults: an HTTP 5xx or other non-4xx status, an unmatched close code, an
     unknown exception and a signal-free call give Transient; an unmatched HTTP 4xx gives BadInput.
@@ -278,11 +295,11 @@ def classify(
             return BadInput(_message(BadInput, context), **context)
         return Transient(_message(Transient, context), **context)
     if rule.cls is ConcurrencyLimited:
-        suspect = rule.quota_suspect
-        if suspect and in_flight is not None and limit is not None and in_flight >= limit:
-            suspect = False  # our own calls fill the limit: concurrency explains the rejection
         return ConcurrencyLimited(
-            _message(ConcurrencyLimited, context, suspect), quota_suspect=suspect, **context
+            _message(ConcurrencyLimited, context, rule.quota_suspect),
+            quota_suspect=rule.quota_suspect,
+            access_suspect=rule.access_suspect,
+            **context,
         )
     return rule.cls(_message(rule.cls, context), **context)
 

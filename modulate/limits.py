@@ -1,29 +1,39 @@
-"""Retry policy and quota breaker: what to wait after a classified error, and when to stop.
+"""The retry policy and the one retry loop every call to the service goes through.
 
-Pure and Prefect-free. `decide()` turns (policy, error class, attempt, elapsed) into a wait or a
-give-up; `QuotaBreaker` collects evidence per org+model that the monthly limit is reached.
+Pure and Prefect-free. `decide()` turns (policy, error class, attempts, time) into a wait or a
+give-up; `call_with_retries()` runs one call under a slot and the run's `ModelGate`
+(modulate/gate.py: the evidence about the org+model's limits), retrying what the class says
+may pass. Batch calls, streams and Platform uploads all use it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import random
-from dataclasses import dataclass, replace
-from typing import Protocol
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol, TypeVar
 
 from ._retry_after import parse_retry_after
-from .errors import ConcurrencyLimited, ModulateError, MonthlyLimitReached, Transient
+from .errors import AuthError, ConcurrencyLimited, ModulateError, Transient
+from .gate import ModelGate, Ticket
 
 __all__ = [
+    "Deferred",
     "GiveUp",
-    "QuotaBreaker",
     "Retry",
     "RetryPolicy",
     "RetryRecord",
+    "call_with_retries",
     "decide",
+    "mark_admitted",
     "parse_retry_after",
 ]
 
-BREAKER_MAX_THRESHOLD = 3
+_T = TypeVar("_T")
 
 
 class _Uniform(Protocol):
@@ -45,6 +55,12 @@ class RetryPolicy:
     cap: float = 30.0
     jitter: float = 1.0
     concurrency_wait: tuple[float, float] = (1.0, 3.0)
+    # A file that has waited this long in all for "too many at once" is deferred, not failed:
+    # a counter stuck on the service's side must not keep a run (and its slots) alive forever.
+    concurrency_budget_s: float = 900.0
+    # Unexplained refusals must persist this long, while our own calls do not explain them,
+    # before the monthly breaker opens (see modulate/gate.py, rule 5).
+    quota_evidence_s: float = 30.0
     retry_after_cap: float = 120.0
     time_scale: float = 1.0  # every wait is multiplied by this; 0.0 in tests
 
@@ -56,9 +72,10 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Retry:
-    """Retry after `wait` seconds."""
+    """Retry after `wait` seconds (scaled); `charged` is the unscaled wait it counts for."""
 
     wait: float
+    charged: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,19 @@ class RetryRecord:
         return cls(type(error).__name__, attempt, wait)
 
 
+class Deferred(Exception):
+    """The call was not made (or not retried) and the file waits for a later run.
+
+    `kind` is "quota" (the monthly breaker is open) or "concurrency" (the service kept
+    refusing "too many at once" past the policy's budget).
+    """
+
+    def __init__(self, kind: Literal["quota", "concurrency"], reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
 def decide(
     policy: RetryPolicy,
     error: ModulateError,
@@ -88,7 +118,8 @@ def decide(
     elapsed: float,
     rng: _Uniform | None = None,
     *,
-    breaker: QuotaBreaker | None = None,
+    waited: float = 0.0,
+    at_least: float = 0.0,
 ) -> Retry | GiveUp:
     """Whether and how long to wait before the next attempt after `error`.
 
@@ -97,18 +128,20 @@ def decide(
             ConcurrencyLimited rejections must not be counted in it.
         elapsed: seconds since the first attempt for this file.
         rng: source of jitter (`random.Random`); the module's generator when None.
-        breaker: the org+model breaker; when open nothing is retried.
+        waited: unscaled seconds this file already waited out concurrency refusals.
+        at_least: the shortest wait for a concurrency refusal (the gate's probe spacing).
     """
     rng = rng if rng is not None else random
-    if breaker is not None and breaker.open:
-        return GiveUp(f"quota breaker open: {breaker.reason}")
     if isinstance(error, ConcurrencyLimited):
-        if error.retry_after is not None:
-            if error.retry_after > policy.retry_after_cap:
-                return GiveUp(f"Retry-After {error.retry_after:.0f}s exceeds the cap")
-            return Retry(error.retry_after * policy.time_scale)
+        if error.retry_after is not None and error.retry_after > policy.retry_after_cap:
+            return GiveUp(f"Retry-After {error.retry_after:.0f}s exceeds the cap")
         low, high = policy.concurrency_wait
-        return Retry(rng.uniform(low, high) * policy.time_scale)
+        wait = error.retry_after if error.retry_after is not None else rng.uniform(low, high)
+        wait = max(wait, at_least)
+        if waited + wait > policy.concurrency_budget_s:
+            minutes = policy.concurrency_budget_s / 60
+            return GiveUp(f"the service kept refusing for concurrency for {minutes:g} min")
+        return Retry(wait * policy.time_scale, charged=wait)
     if isinstance(error, Transient):
         if attempt >= policy.max_attempts:
             return GiveUp(f"{attempt} transient attempts (max {policy.max_attempts})")
@@ -119,85 +152,102 @@ def decide(
             wait = max(wait, error.retry_after)
         if elapsed + wait > policy.max_total_s:
             return GiveUp(f"retry budget of {policy.max_total_s:.0f}s spent")
-        return Retry(wait * policy.time_scale)
+        return Retry(wait * policy.time_scale, charged=wait)
     return GiveUp(f"{type(error).__name__} is not retried")
 
 
-class QuotaBreaker:
-    """Evidence, per org+model, that the monthly limit is reached.
+# The attempt in progress, so a stream can say "admitted" at its first server message
+# without every job's call signature carrying the gate.
+_attempt: contextvars.ContextVar[tuple[ModelGate, Ticket, list[bool]] | None] = (
+    contextvars.ContextVar("modulate_attempt", default=None)
+)
 
-    Rules:
-    - an explicit MonthlyLimitReached opens it at once;
-    - `threshold` (= min(concurrent_limit, 3)) quota-suspect rejections with no success in
-      between open it;
-    - a success resets the count and clears `suspect`;
-    - `suspect` (the last outcome was a quota-suspect rejection): send no NEW files, only re-probe
-      with the rejected one, so at most `concurrent_limit` calls meet the quota after the first;
-    - open: never retry; the caller defers every unsent file.
+
+def mark_admitted() -> None:
+    """Tell the gate the call in progress was accepted (a stream's first server message).
+
+    A stream is counted a success when the service first answers, not when it ends: a long
+    stream must not leave the gate doubting the service for its whole length.
     """
+    attempt = _attempt.get()
+    if attempt is not None and not attempt[2]:
+        gate, ticket, seen = attempt
+        seen.append(True)
+        gate.admitted(ticket)
 
-    def __init__(self, *, model: str, concurrent_limit: int, org: str | None = None) -> None:
-        if concurrent_limit < 1:
-            raise ValueError("concurrent_limit must be at least 1")
-        self.org = org
-        self.model = model
-        self.threshold = min(concurrent_limit, BREAKER_MAX_THRESHOLD)
-        self.open = False
-        self.suspect = False
-        self.reason: str | None = None
-        self._consecutive = 0
-        self._succeeded = False
-        self._explicit = False
 
-    @property
-    def may_send_new(self) -> bool:
-        """True when new files may be sent (neither open nor suspect)."""
-        return not (self.open or self.suspect)
+async def call_with_retries(
+    send: Callable[[], Awaitable[_T]],
+    *,
+    gate: ModelGate,
+    policy: RetryPolicy,
+    slot: Callable[[], AbstractAsyncContextManager[None]],
+    rng: _Uniform | None = None,
+    on_attempt: Callable[[], None] | None = None,
+    on_refusal: Callable[[ModulateError], None] | None = None,
+) -> _T:
+    """Send one call under a slot and the gate, retrying what may pass; the one retry loop.
 
-    def record_success(self) -> None:
-        self._succeeded = True
-        self._consecutive = 0
-        self.suspect = False
-
-    def record_rejection(self, error: ModulateError) -> None:
-        """Count a failed call; only limit errors change the breaker."""
-        if isinstance(error, MonthlyLimitReached):
-            self._explicit = True
-            self.suspect = True
-            self._trip(f"{self.model}: monthly usage limit reached")
-        elif isinstance(error, ConcurrencyLimited) and error.quota_suspect:
-            self._consecutive += 1
-            self.suspect = True
-            if self._consecutive >= self.threshold:
-                self._trip(
-                    f"{self.model}: {self._consecutive} quota-suspect rejections in a row"
-                    " without a success"
-                )
-        elif isinstance(error, ConcurrencyLimited):
-            self.suspect = False  # the service says "too many at once", not "quota"
-
-    @property
-    def likely_cause(self) -> str | None:
-        """A human explanation once the breaker is open or suspect, else None."""
-        if not (self.open or self.suspect):
-            return None
-        if self._explicit:
-            return "the monthly usage limit for this model is reached"
-        if not self._succeeded:
-            return (
-                f"no call to {self.model} has succeeded yet and every rejection was ambiguous:"
-                " the cause may be the API key, the model's access for this organisation,"
-                " or the monthly usage limit"
-            )
-        return "the monthly usage limit (credits) for this model is probably used up"
-
-    def _trip(self, reason: str) -> None:
-        self.open = True
-        if self.reason is None:
-            self.reason = reason
-
-    def __repr__(self) -> str:
-        return (
-            f"QuotaBreaker(model={self.model!r}, open={self.open}, suspect={self.suspect},"
-            f" consecutive={self._consecutive}/{self.threshold})"
+    Waits hold no slot. Raises the call's ModulateError when it will not pass (bad input,
+    transient past its budget), `AuthError` when the gate's verdict is "access", and
+    `Deferred` when the breaker is open or the concurrency budget is spent.
+    """
+    started = time.monotonic()
+    transient = 0
+    waited = 0.0
+    retry = False
+    while True:
+        async with gate.permit(retry=retry) as permit:
+            if gate.open:
+                raise _stopped(gate, None)
+            async with slot():
+                if not gate.may_send(permit):
+                    continue  # the gate turned suspect while this call waited for its slot
+                if on_attempt is not None:
+                    on_attempt()
+                ticket = gate.sent()
+                token = _attempt.set((gate, ticket, []))
+                try:
+                    result = await send()
+                except ModulateError as exc:
+                    error = exc
+                    gate.refused(ticket, error)
+                else:
+                    mark_admitted()
+                    return result
+                finally:
+                    _attempt.reset(token)
+                    gate.finished(ticket)
+        if on_refusal is not None:
+            on_refusal(error)
+        if isinstance(error, AuthError):
+            raise error
+        if gate.open:
+            raise _stopped(gate, error)
+        retry = True
+        if not isinstance(error, ConcurrencyLimited):
+            transient += 1
+        at_least = gate.probe_spacing(policy.quota_evidence_s) if gate.suspect else 0.0
+        decision = decide(
+            policy, error, transient, time.monotonic() - started, rng,
+            waited=waited, at_least=at_least,
         )
+        if isinstance(decision, GiveUp):
+            if isinstance(error, ConcurrencyLimited):
+                raise Deferred("concurrency", decision.reason) from None
+            raise error
+        if isinstance(error, ConcurrencyLimited):
+            waited += decision.charged
+        await asyncio.sleep(decision.wait)
+
+
+def _stopped(gate: ModelGate, error: ModulateError | None) -> Exception:
+    if gate.verdict == "access":
+        return AuthError(
+            gate.reason or f"{gate.model}: access refused",
+            endpoint=error.endpoint if error is not None else gate.model,
+            status=error.status if error is not None else None,
+            close_code=error.close_code if error is not None else None,
+            detail=error.detail if error is not None else None,
+        )
+    return Deferred("quota", gate.likely_cause or "the monthly usage limit is reached")

@@ -1,24 +1,21 @@
 """Send a chunk of S3 files to a batch model within the org's limits, and write its rows.
 
 A chunk is one Prefect task with many files inside, called concurrently; every call
-waits for a slot of the run's `SlotPool`, and every failure is classified before
-`decide()` says whether to wait or give up (DESIGN.md sections 2 and 3). Per-file
-outcomes go to the `files` ledger, never to the task graph.
+goes through `call_with_retries()` (modulate/limits.py) under a slot of the run's
+`SlotPool` and the run's `ModelGate`, which weighs every refusal (DESIGN.md sections 2
+and 3). Per-file outcomes go to the `files` ledger, never to the task graph.
 
-While the quota breaker is suspect, only one call at a time probes the service; once
-it is open, every file not yet sent is recorded `deferred_quota` without a call.
+While the gate is suspect, only one call at a time probes the service; once its
+breaker is open, every file not yet sent is recorded `deferred_quota` without a call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
-import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -29,29 +26,29 @@ from prefect.logging import get_run_logger
 
 from modulate import (
     AuthError,
-    BadInput,
     BatchClient,
-    ConcurrencyLimited,
+    Deferred,
+    ModelGate,
     ModulateError,
-    MonthlyLimitReached,
-    QuotaBreaker,
     RetryPolicy,
-    decide,
+    call_with_retries,
 )
 from modulate._constants import MAX_BATCH_BYTES
-from modulate.limits import GiveUp
 from tasks import output
 from tasks.jobs import BatchJob, Rows
 from tasks.output import OutputLocation
 from tasks.s3 import AudioObject, read_object
-from tasks.slots import SlotPool
+from tasks.slots import SlotPool, SlotsLost
 
 if TYPE_CHECKING:
     from tasks.streaming import StreamRoute
 
-__all__ = ["FileOutcome", "RunContext", "RunStopped", "process_chunk"]
+__all__ = [
+    "DEFERRED_CONCURRENCY", "FileOutcome", "RunContext", "RunStopped", "process_chunk",
+]
 
 COMPLETED, FAILED, DEFERRED, SKIPPED = "completed", "failed", "deferred_quota", "skipped"
+DEFERRED_CONCURRENCY = "deferred_concurrency"
 
 
 class RunStopped(Exception):
@@ -81,7 +78,7 @@ class RunContext:
         config_hash: str,
         client: BatchClient,
         pool: SlotPool,
-        breaker: QuotaBreaker,
+        gate: ModelGate,
         policy: RetryPolicy,
         s3_client: Any,
         location: OutputLocation,
@@ -91,7 +88,8 @@ class RunContext:
         self.config_hash = config_hash
         self.client = client
         self.pool = pool
-        self.breaker = breaker
+        self.gate = gate
+        gate.listeners.append(pool.set_ceiling)  # the pool hands out no more than it accepts
         self.policy = policy
         self.s3_client = s3_client
         self.location = location
@@ -105,8 +103,6 @@ class RunContext:
         # Files over the batch size limit go to the job's streaming model (tasks/streaming.py).
         self.streaming: StreamRoute | None = None
         self.first_call = asyncio.Event()  # set by the run's first call to the service
-        self._probe = asyncio.Condition()
-        self._probing = False
         # Files between their S3 read and the end of their call: the pool's slots plus as
         # many read ahead. Unbounded, every file of the chunks in flight was read at once:
         # all their audio sat in memory (400 files here; 100 MB files would not fit), and
@@ -115,28 +111,6 @@ class RunContext:
         # call waited for all of them (3.5 s at start-up with 4 chunks of 100). A read ahead
         # per slot keeps the slots fed whenever a read is shorter than a call.
         self.reads = asyncio.Semaphore(2 * pool.fallback_limit)
-
-    @contextlib.asynccontextmanager
-    async def permit(self) -> AsyncIterator[bool]:
-        """Wait until this file may call; yields False when the breaker opened meanwhile.
-
-        Taken after the pool slot, right before the call, so that files already queued
-        for a slot see a breaker that turned suspect while they waited. While it is
-        suspect, one call at a time probes the service.
-        """
-        async with self._probe:
-            await self._probe.wait_for(
-                lambda: self.breaker.open or not self.breaker.suspect or not self._probing
-            )
-            probing = self.breaker.suspect and not self.breaker.open
-            self._probing = self._probing or probing
-        try:
-            yield not self.breaker.open
-        finally:
-            async with self._probe:
-                if probing:
-                    self._probing = False
-                self._probe.notify_all()
 
 
 @task(
@@ -159,8 +133,9 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
     try:
         async with asyncio.TaskGroup() as group:
             running = [group.create_task(_process_file(ctx, obj, logger)) for obj in objects]
-    except* (AuthError, RunStopped) as stopped:
-        # One bad key fails every file alike: stop the chunk, mark none of them failed.
+    except* (AuthError, RunStopped, SlotsLost) as stopped:
+        # One bad key (or a lost Prefect API) fails every file alike: stop the chunk, mark
+        # none of them failed.
         raise stopped.exceptions[0] from None
     results = [done.result() for done in running]
     tables: Rows = {}
@@ -199,7 +174,7 @@ def _write_tables(
 def _infrastructure_failure(error: object) -> bool:
     """Retry a chunk only for what a second try can mend (S3 or Parquet writes), never a
     stop of the run; per-file retries live in `_call_with_policy`."""
-    return not isinstance(error, RunStopped | ModulateError)
+    return not isinstance(error, RunStopped | ModulateError | SlotsLost)
 
 
 async def _process_file(
@@ -236,8 +211,8 @@ async def _process_file(
     if extension not in ctx.job.extensions:
         return finish(SKIPPED, detail=f"extension {extension or '(none)'!r} is not "
                       f"accepted by {ctx.job.model}"), {}
-    if ctx.breaker.open:
-        return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
+    if ctx.gate.open:
+        return finish(DEFERRED, detail=ctx.gate.likely_cause), {}
     async with ctx.reads:  # from the read to the end of the call: see RunContext.reads
         audio: bytes | None = None  # a streaming job reads S3 in ranges itself as it sends
         try:
@@ -250,9 +225,10 @@ async def _process_file(
         ctx.pool.add_demand(1)
         try:
             result = await _call_with_policy(ctx, obj, audio, ledger)
-        except _Deferred:
-            return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
-        except (AuthError, RunStopped):
+        except Deferred as deferred:
+            status = DEFERRED if deferred.kind == "quota" else DEFERRED_CONCURRENCY
+            return finish(status, detail=deferred.reason), {}
+        except (AuthError, RunStopped, SlotsLost):
             raise
         except ModulateError as exc:
             return finish(FAILED, exc), {}
@@ -266,48 +242,22 @@ async def _process_file(
     return finish(COMPLETED), rows
 
 
-class _Deferred(Exception):
-    """The breaker opened: this file waits for the next month."""
-
-
 async def _call_with_policy(
     ctx: RunContext, obj: AudioObject, audio: bytes | None, ledger: dict[str, Any]
 ) -> Any:
-    started = time.monotonic()
-    transient_attempts = 0
-    while True:
-        async with ctx.pool.slot(), ctx.permit() as permitted:
-            if not permitted:
-                raise _Deferred
-            ctx.calls += 1
-            ctx.first_call.set()
-            ledger["attempts"] += 1
-            try:
-                result = await ctx.job.call(ctx.client, audio, obj)
-            except ModulateError as exc:
-                error = exc
-                ctx.breaker.record_rejection(error)
-            else:
-                ctx.breaker.record_success()
-                return result
+    def attempt() -> None:
+        ctx.calls += 1
+        ctx.first_call.set()
+        ledger["attempts"] += 1
+
+    def refused(error: ModulateError) -> None:
         ctx.rejections[type(error).__name__] += 1
-        if isinstance(error, AuthError):
-            raise error
-        if isinstance(error, MonthlyLimitReached) or ctx.breaker.open:
-            raise _Deferred
-        if isinstance(error, BadInput):
-            raise error
-        if not isinstance(error, ConcurrencyLimited):
-            transient_attempts += 1
-        decision = decide(
-            ctx.policy, error, transient_attempts, time.monotonic() - started, ctx.rng,
-            breaker=ctx.breaker,
-        )
-        if isinstance(decision, GiveUp):
-            if ctx.breaker.open:
-                raise _Deferred
-            raise error
-        await asyncio.sleep(decision.wait)
+
+    return await call_with_retries(
+        lambda: ctx.job.call(ctx.client, audio, obj),
+        gate=ctx.gate, policy=ctx.policy, slot=ctx.pool.slot, rng=ctx.rng,
+        on_attempt=attempt, on_refusal=refused,
+    )
 
 
 def _safe_detail(error: BaseException) -> str:

@@ -32,12 +32,19 @@ from prefect_aws import S3Bucket
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks import ModulateCredentials, OrgLimits, ParquetOutput
-from modulate import AuthError, ModelNotEnabled, QuotaBreaker, RetryPolicy
+from modulate import AuthError, ModelGate, ModelNotEnabled, RetryPolicy
 from tasks import output
-from tasks.batch import DEFERRED, FAILED, RunContext, RunStopped, process_chunk
+from tasks.batch import (
+    DEFERRED,
+    DEFERRED_CONCURRENCY,
+    FAILED,
+    RunContext,
+    RunStopped,
+    process_chunk,
+)
 from tasks.jobs import BatchJob, config_hash
 from tasks.s3 import AudioObject, S3Input, iter_audio
-from tasks.slots import SlotPool
+from tasks.slots import SlotPool, SlotsLost
 from tasks.streaming import route_large_files
 
 __all__ = ["RunSettings", "RunSummary", "run_batch"]
@@ -122,8 +129,9 @@ async def run_batch(
             config_hash=job_hash,
             client=client,
             pool=pool,
-            breaker=QuotaBreaker(
-                model=job.model, concurrent_limit=model_limit.concurrent, org=limits.organization
+            gate=ModelGate(
+                model=job.model, declared=model_limit.concurrent, org=limits.organization,
+                source=f"limits block {settings.limits_block!r}",
             ),
             policy=policy or DEFAULT_POLICY,
             s3_client=s3_client,
@@ -136,7 +144,7 @@ async def run_batch(
         try:
             async with route_large_files(ctx, credentials.streaming_client(), limits):
                 await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
-        except* (AuthError, RunStopped) as group:
+        except* (AuthError, RunStopped, SlotsLost) as group:
             stopped = group.exceptions[0]
         except* (BotoCoreError, ClientError) as group:
             # Per-file reads are caught per file; what gets here is the listing or an
@@ -154,7 +162,7 @@ async def run_batch(
         audio_hours=round(ctx.audio_ms / 3_600_000, 4),
         max_in_flight=pool.max_in_use,
         output_root=location.root,
-        note=ctx.breaker.likely_cause if ctx.breaker.open else None,
+        note=ctx.gate.likely_cause if ctx.gate.open else None,
     )
     await acreate_table_artifact(
         table=[{"measure": k, "value": v} for k, v in _summary_lines(summary)],
@@ -269,6 +277,13 @@ def _final_state(summary: RunSummary) -> State:
             "Rerun after the limit resets to send the deferred and failed files.",
             data=summary,
         )
+    if summary.files.get(DEFERRED_CONCURRENCY):
+        return Completed(
+            name="Deferred",
+            message=f"The service kept refusing calls for concurrency; {counts}. Other clients "
+            "of the organisation may be using its limit: rerun later to send the deferred files.",
+            data=summary,
+        )
     if summary.files.get(FAILED):
         return Completed(
             name="Completed with failures",
@@ -279,6 +294,8 @@ def _final_state(summary: RunSummary) -> State:
 
 
 def _fix_message(error: BaseException, settings: RunSettings) -> str:
+    if isinstance(error, SlotsLost):
+        return str(error)
     if isinstance(error, ModelNotEnabled):
         return (
             f"The model is not enabled for this organisation ({error}). Ask Modulate to enable "
@@ -286,6 +303,7 @@ def _fix_message(error: BaseException, settings: RunSettings) -> str:
             f"{settings.credentials_block!r})."
         )
     return (
-        f"Modulate refused the API key ({error}). Set a valid api_key in the Modulate "
-        f"Credentials block {settings.credentials_block!r}."
+        f"Modulate refused the calls ({error}). Set a valid api_key in the Modulate "
+        f"Credentials block {settings.credentials_block!r}, and check that the model is enabled "
+        "for its organisation."
     )

@@ -1,14 +1,25 @@
 """Hold an org+model's share of a Prefect concurrency limit and hand its slots out locally.
 
-Waiting on the Prefect server per call costs a round trip and serialises every
-acquirer of one limit in a process (DESIGN.md section 3). So a run leases slots in
-as few requests as it can while it has queued work, renews the leases from the
-event loop, gives them back as its queue drains, and lets its own calls share the
-slots it holds through a local FIFO queue. A dead worker's leases expire on the
-server after `lease_duration`, so no slot leaks.
+Waiting on the Prefect server per call costs a round trip and serialises every acquirer of
+one limit in a process (DESIGN.md section 3). So a run leases slots while it has queued
+work, in units of about C/8 so it can give some back; renews the leases; gives back what
+its queue, its gate (the concurrency the service accepts) or its fair share no longer
+needs; and lets its own calls share what it holds through a local FIFO queue. A dead
+worker's leases expire on the server after `lease_duration`, so no slot leaks.
 
-Without a Prefect limit of that name (limits not synced) the pool falls back to a
-local gate of `fallback_limit` slots and says so once in the log.
+Fair share: every run with work holds one slot of `<limit>:runs`, and every run that
+wants more than it could get holds one of `<limit>:waiting`. While someone waits, no run
+holds more than ceil(C / runs); so a run that starts beside one holding every slot gets
+half of them as the other's calls end.
+
+The lease layer is supervised, like Prefect's own `concurrency/_leases.py`: a failed call
+is retried with backoff, a lease the server no longer knows (404 on renewal, the limit
+deleted or recreated) is dropped, which shrinks what the run holds, and when the server
+cannot be reached for `failure_bound` seconds every waiting and future `slot()` raises
+`SlotsLost`. It never leaves a caller waiting forever.
+
+Without a Prefect limit of that name (limits not synced) the pool falls back to a local
+gate of `fallback_limit` slots and says so once in the log.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,12 +35,19 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.exceptions import ObjectNotFound
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-__all__ = ["SlotPool", "limit_name"]
+__all__ = ["SlotPool", "SlotsLost", "limit_name", "registry_names"]
 
-DEFAULT_LEASE_SECONDS = 60.0
+DEFAULT_LEASE_SECONDS = 60.0  # the server's minimum
+DEFAULT_FAILURE_BOUND_SECONDS = 60.0
 TOPUP_INTERVAL_SECONDS = 0.25
+FAIR_SHARE_INTERVAL_SECONDS = 1.0
+LEASE_UNITS = 8  # a run leases its slots in about this many pieces
+REGISTRY_LIMIT = 100_000  # registry limits count runs; they never refuse one
+_BACKOFF_CAP_SECONDS = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +60,20 @@ def limit_name(org: str, model: str) -> str:
     return f"modulate:{org}:{model}"
 
 
+def registry_names(name: str) -> tuple[str, str]:
+    """The two limits that count the runs sharing `name`: with work, and waiting for slots."""
+    return f"{name}:runs", f"{name}:waiting"
+
+
+class SlotsLost(RuntimeError):
+    """The lease layer could not reach the Prefect API (or lost its limit) for too long."""
+
+
 @dataclass
 class _Lease:
     lease_id: UUID
     slots: int
+    expires_at: float  # loop time by which the server forgets it unless renewed
 
 
 class SlotPool:
@@ -64,19 +93,29 @@ class SlotPool:
         *,
         fallback_limit: int,
         lease_duration: float = DEFAULT_LEASE_SECONDS,
+        renew_every: float | None = None,
+        failure_bound: float = DEFAULT_FAILURE_BOUND_SECONDS,
     ) -> None:
         self.name = name
         self.fallback_limit = fallback_limit
         self.lease_duration = lease_duration
+        self.renew_every = renew_every if renew_every is not None else lease_duration / 3
+        self.failure_bound = failure_bound
         self.limit = fallback_limit
         self.managed = False  # True once a Prefect limit of this name was found
         self.max_in_use = 0
+        self.ceiling = fallback_limit  # what the service accepts, as the run's gate learns it
+        self._limit_id: UUID | None = None
         self._leases: list[_Lease] = []
+        self._registry: dict[str, _Lease | None] = dict.fromkeys(registry_names(name))
+        self._runs = 1
+        self._others_waiting = False
         self._in_use = 0
         self._demand = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._wake = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
+        self._lost: SlotsLost | None = None
 
     @property
     def held(self) -> int:
@@ -85,12 +124,13 @@ class SlotPool:
             return self.fallback_limit
         return sum(lease.slots for lease in self._leases)
 
+    @property
+    def fair_share(self) -> int:
+        """The most this run keeps while another run waits for slots."""
+        return math.ceil(self.limit / max(1, self._runs))
+
     async def __aenter__(self) -> SlotPool:
-        async with get_client() as client:
-            try:
-                found = await client.read_global_concurrency_limit_by_name(self.name)
-            except ObjectNotFound:
-                found = None
+        found = await self._first_lookup()
         if found is None or not found.active:
             logger.warning(
                 "No active Prefect concurrency limit %r: holding the limit only inside this run "
@@ -101,6 +141,7 @@ class SlotPool:
         else:
             self.managed = True
             self.limit = found.limit
+            self._limit_id = found.id
             self._maintainer = asyncio.create_task(self._maintain(), name=f"slots {self.name}")
         return self
 
@@ -109,14 +150,23 @@ class SlotPool:
             self._maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintainer
-        async with get_client() as client:
-            for lease in self._leases:
-                await self._release(client, lease)
+        if not self.managed:
+            return
+        held = [*self._leases, *(lease for lease in self._registry.values() if lease)]
         self._leases.clear()
+        async with get_client() as client:
+            for lease in held:
+                await self._release(client, lease)
 
     def add_demand(self, n: int) -> None:
         """Count calls queued or running (n may be negative); the pool leases to match."""
         self._demand += n
+        self._wake.set()
+
+    def set_ceiling(self, ceiling: int) -> None:
+        """Hand out at most `ceiling` slots at once (the gate's learned limit)."""
+        self.ceiling = ceiling
+        self._grant()
         self._wake.set()
 
     @contextlib.asynccontextmanager
@@ -127,8 +177,13 @@ class SlotPool:
         slots first, so that chunk finishes and is replaced while the younger chunks still
         have queued work. Waking every waiter on each release (a Condition) let all chunks
         advance in lockstep and drain together, leaving the slots idle between waves.
+
+        Raises:
+            SlotsLost: the lease layer failed for longer than `failure_bound`.
         """
-        if self._in_use < self.held and not self._waiters:
+        if self._lost is not None:
+            raise self._lost
+        if self._in_use < self._usable() and not self._waiters:
             self._in_use += 1
         else:
             granted = asyncio.get_running_loop().create_future()
@@ -150,66 +205,183 @@ class SlotPool:
             self._grant()
             self._wake.set()
 
+    def _usable(self) -> int:
+        usable = min(self.held, self.ceiling)
+        return min(usable, self.fair_share) if self._others_waiting else usable
+
     def _grant(self) -> None:
         """Hand free slots to the oldest waiters."""
-        while self._waiters and self._in_use < self.held:
+        usable = self._usable()
+        while self._waiters and self._in_use < usable:
             granted = self._waiters.popleft()
             if granted.done():  # its waiter was cancelled
                 continue
             self._in_use += 1
             granted.set_result(None)
 
-    async def _maintain(self) -> None:
-        renew_every = self.lease_duration / 3
+    def _fail(self, error: SlotsLost) -> None:
+        self._lost = error
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    # --- the maintainer ----------------------------------------------------------------
+
+    async def _first_lookup(self) -> GlobalConcurrencyLimitResponse | None:
         loop = asyncio.get_running_loop()
-        next_renewal = loop.time() + renew_every
+        deadline = loop.time() + self.failure_bound
+        failures = 0
         async with get_client() as client:
             while True:
-                await self._top_up(client)
-                await self._give_back(client)
-                if loop.time() >= next_renewal:
-                    for lease in self._leases:
-                        await client.renew_concurrency_lease(lease.lease_id, self.lease_duration)
-                    next_renewal = loop.time() + renew_every
+                try:
+                    return await client.read_global_concurrency_limit_by_name(self.name)
+                except ObjectNotFound:
+                    return None
+                except httpx.HTTPError as exc:
+                    failures += 1
+                    if loop.time() >= deadline:
+                        raise self._lost_error(exc, self.failure_bound) from None
+                    await asyncio.sleep(_backoff(failures))
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_renewal = loop.time() + self.renew_every
+        next_share = loop.time()
+        last_ok = loop.time()
+        failures = 0
+        async with get_client() as client:
+            while True:
+                try:
+                    self._drop_expired(loop.time())
+                    if loop.time() >= next_share:
+                        await self._share(client)
+                        next_share = loop.time() + FAIR_SHARE_INTERVAL_SECONDS
+                    await self._give_back(client)
+                    await self._top_up(client)
+                    if loop.time() >= next_renewal:
+                        await self._renew(client)
+                        next_renewal = loop.time() + self.renew_every
+                except (httpx.HTTPError, ObjectNotFound, _LimitGone) as exc:
+                    failures += 1
+                    if failures == 1:
+                        logger.warning(
+                            "Prefect API trouble holding slots of %r (%s); retrying with backoff.",
+                            self.name, _describe(exc),
+                        )
+                    if loop.time() - last_ok >= self.failure_bound:
+                        self._fail(self._lost_error(exc, loop.time() - last_ok))
+                        return
+                    await asyncio.sleep(_backoff(failures))
+                    continue
+                if failures:
+                    logger.warning("Prefect API back for %r after %d failures.", self.name,
+                                   failures)
+                failures, last_ok = 0, loop.time()
                 self._wake.clear()
                 # Woken early when demand changes or a call ends; otherwise poll for
                 # slots other runs have freed.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), TOPUP_INTERVAL_SECONDS)
 
+    def _target(self) -> int:
+        """How many slots this run should hold now."""
+        target = min(self._demand, self.limit, self.ceiling)
+        return min(target, self.fair_share) if self._others_waiting else target
+
     async def _top_up(self, client: PrefectClient) -> None:
-        wanted = min(self._demand, self.limit) - self.held
+        wanted = self._target() - self.held
         if wanted <= 0:
+            await self._register(client, "waiting", False)
             return
-        found = await client.read_global_concurrency_limit_by_name(self.name)
-        self.limit = found.limit
-        ask = min(wanted, found.limit - found.active_slots)
-        # A request for k slots is all-or-nothing; halve it until one fits.
+        found = await self._read_limit(client)
+        free = found.limit - found.active_slots
+        # Units of about C/8, and unit - 1 single slots at the end, so that _give_back can
+        # return any number of slots in whole leases.
+        unit = max(1, math.ceil(found.limit / LEASE_UNITS))
+        singles = max(0, unit - 1 - sum(lease.slots == 1 for lease in self._leases))
+        ask = min(free, 1 if wanted <= singles else min(wanted - singles, unit))
         while ask > 0:
-            try:
-                response = await client.increment_concurrency_slots_with_lease(
-                    names=[self.name],
-                    slots=ask,
-                    mode="concurrency",
-                    lease_duration=self.lease_duration,
-                )
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != 423:
-                    raise
-                ask //= 2
-                continue
-            self._leases.append(_Lease(UUID(response.json()["lease_id"]), ask))
-            self._grant()
-            return
+            lease = await self._lease(client, self.name, ask)
+            if lease is not None:
+                self._leases.append(lease)
+                self._grant()
+                break
+            ask //= 2  # all-or-nothing, and another run took some meanwhile: halve it
+        await self._register(client, "waiting", self._target() > self.held)
 
     async def _give_back(self, client: PrefectClient) -> None:
-        spare = self.held - max(min(self._demand, self.limit), self._in_use)
-        for lease in sorted(self._leases, key=lambda lease: lease.slots):
-            if lease.slots > spare:
-                break
-            self._leases.remove(lease)
-            spare -= lease.slots
+        """Release whole leases worth at most the spare slots, largest first.
+
+        Never part of a lease: the slots given back must be free of our calls the moment
+        another run can take them. The ones and twos _top_up keeps make any amount fit.
+        """
+        spare = self.held - max(self._target(), self._in_use)
+        for lease in sorted(self._leases, key=lambda lease: -lease.slots):
+            if spare <= 0:
+                return
+            if lease.slots <= spare:
+                self._leases.remove(lease)
+                spare -= lease.slots
+                await self._release(client, lease)
+
+    async def _share(self, client: PrefectClient) -> None:
+        """Join or leave the registry and read how many runs share the limit."""
+        runs_name, waiting_name = registry_names(self.name)
+        await self._register(client, "runs", self._demand > 0)
+        runs = await _read_or_create(client, runs_name)
+        waiting = await _read_or_create(client, waiting_name)
+        self._runs = max(1, runs.active_slots)
+        self._others_waiting = waiting.active_slots - (self._registry[waiting_name] is not None) > 0
+        self._grant()
+
+    async def _register(self, client: PrefectClient, which: str, member: bool) -> None:
+        name = registry_names(self.name)[0 if which == "runs" else 1]
+        lease = self._registry[name]
+        if member and lease is None:
+            await _read_or_create(client, name)
+            self._registry[name] = await self._lease(client, name, 1)
+        elif not member and lease is not None:
+            self._registry[name] = None
             await self._release(client, lease)
+
+    async def _renew(self, client: PrefectClient) -> None:
+        now = asyncio.get_running_loop().time()
+        for lease in [*self._leases, *self._registry.values()]:
+            if lease is None:
+                continue
+            try:
+                await client.renew_concurrency_lease(lease.lease_id, self.lease_duration)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 404:
+                    raise
+                self._forget(lease, "the server no longer knows it")
+            else:
+                lease.expires_at = now + self.lease_duration
+
+    async def _read_limit(self, client: PrefectClient) -> GlobalConcurrencyLimitResponse:
+        try:
+            found = await client.read_global_concurrency_limit_by_name(self.name)
+        except ObjectNotFound:
+            self._forget_all("the limit was deleted")
+            raise _LimitGone(f"the Prefect concurrency limit {self.name!r} was deleted") from None
+        if found.id != self._limit_id:  # recreated: our leases count against nothing now
+            self._forget_all("the limit was recreated")
+            self._limit_id = found.id
+        self.limit = found.limit
+        return found
+
+    async def _lease(self, client: PrefectClient, name: str, slots: int) -> _Lease | None:
+        try:
+            response = await client.increment_concurrency_slots_with_lease(
+                names=[name], slots=slots, mode="concurrency", lease_duration=self.lease_duration
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                return None
+            raise
+        expires_at = asyncio.get_running_loop().time() + self.lease_duration
+        return _Lease(UUID(response.json()["lease_id"]), slots, expires_at)
 
     async def _release(self, client: PrefectClient, lease: _Lease) -> None:
         try:
@@ -217,3 +389,55 @@ class SlotPool:
         except httpx.HTTPError:
             # The lease expires on the server by itself; nothing is lost but time.
             logger.warning("Could not release a lease on %r; it expires on its own.", self.name)
+
+    def _drop_expired(self, now: float) -> None:
+        for lease in [lease for lease in self._leases if lease.expires_at <= now]:
+            self._forget(lease, "it expired before it could be renewed")
+        for name, lease in self._registry.items():
+            if lease is not None and lease.expires_at <= now:
+                self._registry[name] = None
+
+    def _forget(self, lease: _Lease, why: str) -> None:
+        if lease in self._leases:
+            self._leases.remove(lease)
+            logger.warning("Lost a lease of %d slots on %r (%s).", lease.slots, self.name, why)
+        for name, held in self._registry.items():
+            if held is lease:
+                self._registry[name] = None
+
+    def _forget_all(self, why: str) -> None:
+        for lease in list(self._leases):
+            self._forget(lease, why)
+        self._registry = dict.fromkeys(self._registry)
+
+    def _lost_error(self, exc: BaseException, seconds: float) -> SlotsLost:
+        return SlotsLost(
+            f"Could not hold slots of the Prefect concurrency limit {self.name!r} for "
+            f"{seconds:.0f} s ({_describe(exc)}). Check that the Prefect API is up and that the "
+            "limit exists (`modulate-flows limits sync`); the run stops with its results so far."
+        )
+
+
+class _LimitGone(Exception):
+    """The limit disappeared from the server mid-run."""
+
+
+async def _read_or_create(client: PrefectClient, name: str) -> GlobalConcurrencyLimitResponse:
+    try:
+        return await client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        with contextlib.suppress(ObjectAlreadyExists):  # another run made it first
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=REGISTRY_LIMIT)
+            )
+        return await client.read_global_concurrency_limit_by_name(name)
+
+
+def _backoff(failures: int) -> float:
+    return min(_BACKOFF_CAP_SECONDS, 0.5 * 2 ** (failures - 1))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} from {exc.request.url.path}"
+    return str(exc) or type(exc).__name__

@@ -23,8 +23,8 @@ from modulate import (
     BadInput,
     Done,
     FrameEvent,
+    ModelGate,
     PartialUtterance,
-    QuotaBreaker,
     RedactionMetadata,
     StreamingClient,
     StreamParams,
@@ -34,6 +34,7 @@ from modulate import (
     Transient,
     Utterance,
     UtteranceEvent,
+    mark_admitted,
 )
 from modulate._constants import BATCH_EXTENSIONS, SVD_EXTENSIONS
 from modulate.streaming import RAW_AUDIO_FORMATS, StreamEndpoint
@@ -189,6 +190,7 @@ class StreamJob:
         try:
             async with contextlib.aclosing(self.client.stream(self.endpoint, frames, params)) as s:
                 async for event in s:
+                    mark_admitted()  # the service took the stream: a success for the gate
                     await collected.add(event)
             uri = await writer.finish() if writer is not None else None
         except (BotoCoreError, ClientError) as exc:
@@ -282,7 +284,7 @@ class StreamRoute:
     """A batch run's way to its streaming model, opened when the first large file needs it.
 
     The routed files share the run's ledger key (batch model and config hash), counters and
-    output, and hold slots of the streaming model's own limit with their own quota breaker.
+    output, and hold slots of the streaming model's own limit with a gate of their own.
     """
 
     def __init__(
@@ -304,8 +306,9 @@ class StreamRoute:
                 self.opened = RunContext(
                     job=self.job, config_hash=parent.config_hash, client=parent.client,
                     pool=pool, policy=parent.policy, s3_client=parent.s3_client,
-                    breaker=QuotaBreaker(model=model, concurrent_limit=limit.concurrent,
-                                         org=self.limits.organization),
+                    gate=ModelGate(model=model, declared=limit.concurrent,
+                                   org=self.limits.organization,
+                                   source=parent.gate.source),
                     location=parent.location, flow_run_id=parent.flow_run_id,
                 )
                 self.opened.rejections = parent.rejections  # one summary for the run

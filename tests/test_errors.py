@@ -274,11 +274,18 @@ def test_stream_error_message_alone(detail: str, cls: type[ModulateError]) -> No
     assert type(classify(endpoint="stt-streaming", detail=detail)) is cls
 
 
-def test_in_flight_at_limit_means_plain_concurrency() -> None:
-    full = classify(endpoint="stt", status=429, detail=CREDITS, in_flight=5, limit=5)
-    room = classify(endpoint="stt", status=429, detail=CREDITS, in_flight=1, limit=5)
-    assert isinstance(full, ConcurrencyLimited) and not full.quota_suspect
-    assert isinstance(room, ConcurrencyLimited) and room.quota_suspect
+@pytest.mark.parametrize(
+    ("endpoint", "status", "close_code", "access"),
+    [("svd", 403, None, True), ("svd-streaming", None, 4003, True), ("stt", 429, None, False),
+     ("stt-streaming", None, 4029, False)],
+)
+def test_access_suspect_only_where_a_bad_key_answers_alike(
+    endpoint: str, status: int | None, close_code: int | None, access: bool
+) -> None:
+    detail = "This request is not permitted." if access else CREDITS
+    error = classify(endpoint=endpoint, status=status, close_code=close_code, detail=detail)
+    assert isinstance(error, ConcurrencyLimited) and error.quota_suspect
+    assert error.access_suspect is access
 
 
 def test_retry_after_seconds_and_date() -> None:

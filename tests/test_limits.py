@@ -1,19 +1,28 @@
-"""decide() and QuotaBreaker with the zero-wait policy: no sleeps, no network."""
+"""decide(), ModelGate and call_with_retries() with the zero-wait policy: no sleeps, no network.
+
+The service in the loop tests is a few lines of asyncio standing for the vendor's admission
+rule (a counter and a limit); the same cases run against the emulator in tests/test_gate_flows.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 
 from modulate import errors
+from modulate.gate import ModelGate
 from modulate.limits import (
+    Deferred,
     GiveUp,
-    QuotaBreaker,
     Retry,
     RetryPolicy,
     RetryRecord,
+    call_with_retries,
     decide,
     parse_retry_after,
 )
@@ -22,9 +31,12 @@ POLICY = RetryPolicy()
 ZERO = RetryPolicy.for_tests()
 
 
-def busy(retry_after: float | None = None, suspect: bool = False) -> errors.ConcurrencyLimited:
+def busy(
+    retry_after: float | None = None, suspect: bool = False, access: bool = False
+) -> errors.ConcurrencyLimited:
     return errors.ConcurrencyLimited(
-        "stt: busy", endpoint="stt", status=429, retry_after=retry_after, quota_suspect=suspect
+        "stt: busy", endpoint="stt", status=429, retry_after=retry_after, quota_suspect=suspect,
+        access_suspect=access,
     )
 
 
@@ -47,6 +59,7 @@ def test_policy_defaults() -> None:
     assert (POLICY.initial, POLICY.base) == (0.5, 2)
     assert (POLICY.cap, POLICY.jitter, POLICY.concurrency_wait) == (30, 1.0, (1.0, 3.0))
     assert POLICY.retry_after_cap == 120
+    assert (POLICY.concurrency_budget_s, POLICY.quota_evidence_s) == (900, 30)
 
 
 def test_for_tests_keeps_decisions_but_waits_zero() -> None:
@@ -85,10 +98,23 @@ def test_transient_honours_a_longer_retry_after() -> None:
     assert decide(POLICY, transient(retry_after=7), 1, 0.0, FixedRng(0)) == Retry(7.0)
 
 
-def test_concurrency_always_retries_and_never_counts() -> None:
+def test_concurrency_never_counts_as_an_attempt() -> None:
     rng = FixedRng(0.5)
     for attempt in (0, 1, 6, 100):
         assert decide(POLICY, busy(), attempt, 10_000.0, rng) == Retry(2.0)
+
+
+def test_concurrency_waits_are_bounded_by_the_budget() -> None:
+    """Case 5 of issue 11: a stuck counter must not keep a file waiting forever."""
+    decision = decide(POLICY, busy(), 1, 0.0, FixedRng(0.5), waited=POLICY.concurrency_budget_s - 1)
+    assert isinstance(decision, GiveUp)
+    assert decision.reason == "the service kept refusing for concurrency for 15 min"
+    decision = decide(POLICY, busy(), 1, 0.0, FixedRng(0.5), waited=POLICY.concurrency_budget_s - 3)
+    assert decision == Retry(2.0) and decision.charged == 2.0  # type: ignore[union-attr]
+
+
+def test_probe_spacing_is_a_floor_on_the_wait() -> None:
+    assert decide(POLICY, busy(), 1, 0.0, FixedRng(0.5), at_least=10.0) == Retry(10.0)
 
 
 def test_concurrency_uses_retry_after() -> None:
@@ -118,13 +144,6 @@ def test_permanent_classes_give_up(error: errors.ModulateError) -> None:
     assert isinstance(decide(POLICY, error, 1, 0.0, FixedRng(0)), GiveUp)
 
 
-def test_open_breaker_stops_every_retry() -> None:
-    breaker = QuotaBreaker(model="stt", concurrent_limit=5)
-    breaker.record_rejection(errors.MonthlyLimitReached("x", endpoint="stt"))
-    assert isinstance(decide(ZERO, busy(), 1, 0.0, breaker=breaker), GiveUp)
-    assert isinstance(decide(ZERO, transient(), 1, 0.0, breaker=breaker), GiveUp)
-
-
 def test_retry_record() -> None:
     record = RetryRecord.of(transient(), 2, 1.5)
     assert record == RetryRecord("Transient", 2, 1.5)
@@ -147,112 +166,185 @@ def test_parse_retry_after_http_date() -> None:
     assert parse_retry_after(email.utils.formatdate(now - 10, usegmt=True), now=now) == 0.0
 
 
-# --- QuotaBreaker ------------------------------------------------------------------------------
+# --- ModelGate and the one retry loop ------------------------------------------------------------
 
 
-def suspect() -> errors.ConcurrencyLimited:
-    return busy(suspect=True)
+class Service:
+    """The vendor's admission rule in a few lines: refuse at once over `limit` in flight, or
+    once `month` calls were taken; every refusal carries the same `refusal` error."""
+
+    def __init__(
+        self, limit: int, *, month: int = 10**9, refusal: errors.ModulateError | None = None
+    ) -> None:
+        self.limit, self.month = limit, month
+        self.refusal = refusal or busy(suspect=True)
+        self.in_flight = self.max_in_flight = self.accepted = self.refused = 0
+        self.first_refusal_at: int | None = None  # calls sent before the first refusal
+        self.sent = 0
+
+    async def call(self, latency: float = 0.002) -> str:
+        self.sent += 1
+        if self.accepted >= self.month or self.in_flight >= self.limit:
+            self.refused += 1
+            if self.first_refusal_at is None:
+                self.first_refusal_at = self.sent
+            raise self.refusal
+        self.in_flight += 1
+        self.accepted += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(latency)  # the call's latency, not a wait for a condition
+        finally:
+            self.in_flight -= 1
+        return "ok"
 
 
-def test_breaker_threshold_is_min_of_limit_and_three() -> None:
-    assert QuotaBreaker(model="stt", concurrent_limit=1).threshold == 1
-    assert QuotaBreaker(model="stt", concurrent_limit=2).threshold == 2
-    assert QuotaBreaker(model="stt", concurrent_limit=25).threshold == 3
+class Slots:
+    """What SlotPool does locally: at most gate.limit calls at once, first come first served."""
+
+    def __init__(self, gate: ModelGate) -> None:
+        self.gate, self.in_use = gate, 0
+        self.freed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        while self.in_use >= self.gate.limit:
+            self.freed.clear()
+            await self.freed.wait()
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+            self.freed.set()
+
+
+async def run_files(
+    service: Service, gate: ModelGate, files: int, policy: RetryPolicy = ZERO
+) -> list[object]:
+    slots = Slots(gate)
+
+    async def one() -> object:
+        try:
+            return await call_with_retries(
+                service.call, gate=gate, policy=policy, slot=slots.slot, rng=random.Random(0)
+            )
+        except (Deferred, errors.ModulateError) as exc:
+            return exc
+
+    return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(files))), 60)
+
+
+async def test_gate_learns_the_limit_the_service_enforces(caplog: pytest.LogCaptureFixture) -> None:
+    """Case 1 of issue 11: the block says 10, the service takes 4 and answers every refusal with
+    "Insufficient credits.": every file completes, none is deferred."""
+    service = Service(4)
+    gate = ModelGate(model="stt", declared=10, source="limits block 'acme'")
+    results = await run_files(service, gate, 150)
+    assert results == ["ok"] * 150
+    assert not gate.open and gate.limit <= 5 and service.max_in_flight == 4
+    warnings = [r.getMessage() for r in caplog.records if "accepted at most" in r.getMessage()]
+    assert warnings == [
+        "limits block 'acme' says 10 for stt, the service accepted at most 4 at once: "
+        "holding 4 and probing back up."
+    ]
+
+
+@pytest.mark.parametrize("declared", [1, 2, 4, 10])
+async def test_an_exhausted_month_stops_within_the_limit(declared: int) -> None:
+    service = Service(declared, month=0)
+    gate = ModelGate(model="stt", declared=declared)
+    results = await run_files(service, gate, 40)
+    assert all(isinstance(r, Deferred) and r.kind == "quota" for r in results)
+    assert service.first_refusal_at is not None
+    assert service.sent - service.first_refusal_at <= declared
+    assert gate.verdict == "quota"
+
+
+@pytest.mark.parametrize("declared", [2, 4, 10])
+async def test_a_month_running_out_mid_run_stops_within_the_limit(declared: int) -> None:
+    service = Service(declared, month=30)
+    gate = ModelGate(model="stt", declared=declared)
+    results = await run_files(service, gate, 200)
+    assert results.count("ok") == 30
+    assert all(isinstance(r, Deferred) and r.kind == "quota" for r in results if r != "ok")
+    assert service.first_refusal_at is not None
+    assert service.sent - service.first_refusal_at <= declared
+
+
+def svd_refusal() -> errors.ModulateError:
+    return errors.classify(endpoint="svd", status=403, detail="This request is not permitted.")
+
+
+async def test_svd_403_with_no_success_ever_is_an_access_failure() -> None:
+    """Case 2 of issue 11: a wrong key on SVD (2026 strings) stops the run, not Deferred."""
+    service = Service(4, month=0, refusal=svd_refusal())
+    gate = ModelGate(model="svd", declared=4)
+    results = await run_files(service, gate, 20)
+    assert gate.verdict == "access"
+    assert all(isinstance(r, errors.AuthError) for r in results)
+    assert "API key" in str(results[0]) and "not enabled" in str(results[0])
+
+
+async def test_svd_403_after_a_success_is_weighed_as_a_limit() -> None:
+    service = Service(4, month=3, refusal=svd_refusal())
+    gate = ModelGate(model="svd", declared=4)
+    results = await run_files(service, gate, 20)
+    assert results.count("ok") == 3 and gate.verdict == "quota"
+    assert all(isinstance(r, Deferred) for r in results if r != "ok")
+
+
+async def test_explicit_concurrency_forever_defers_after_the_budget() -> None:
+    """Case 5 of issue 11: a counter stuck on the service's side ends in `Deferred`."""
+    service = Service(0, refusal=busy())  # "Concurrent request limit exceeded." on every call
+    gate = ModelGate(model="stt", declared=4)
+    policy = RetryPolicy.for_tests(concurrency_budget_s=12.0)
+    results = await run_files(service, gate, 5, policy)
+    assert all(isinstance(r, Deferred) and r.kind == "concurrency" for r in results)
+    assert str(results[0]) == "the service kept refusing for concurrency for 0.2 min"
+    assert not gate.open
+    assert service.sent <= 5 * 12  # each wait is at least 1 s of the 12 s budget
+
+
+async def test_a_stream_is_admitted_at_its_first_message() -> None:
+    from modulate.limits import mark_admitted
+
+    gate = ModelGate(model="stt-streaming", declared=2)
+    seen: list[bool] = []
+
+    async def stream() -> str:
+        if not seen:
+            seen.append(gate.suspect)
+            raise busy(suspect=True)  # refused with nothing else in flight: suspect
+        seen.append(gate.suspect)
+        mark_admitted()  # the retry's first server message
+        seen.append(gate.suspect)
+        raise errors.BadInput("later", endpoint="stt-streaming")
+
+    slots = Slots(gate)
+    with pytest.raises(errors.BadInput):
+        await call_with_retries(stream, gate=gate, policy=ZERO, slot=slots.slot)
+    assert seen == [False, True, False] and gate.successes == 1
+
+
+def test_explained_refusals_shrink_the_gate_and_it_probes_back_up() -> None:
+    gate = ModelGate(model="stt", declared=6)
+    tickets = [gate.sent() for _ in range(6)]
+    for ticket in tickets[4:]:  # two refused while four of ours were in flight
+        gate.refused(ticket, busy(suspect=True))
+        gate.finished(ticket)
+    assert gate.limit == 4 and not gate.suspect
+    for ticket in tickets[:4]:
+        gate.admitted(ticket)
+        gate.finished(ticket)
+    more = [gate.sent() for _ in range(4)]
+    for ticket in more:  # a full window of successes at the limit: one more
+        gate.admitted(ticket)
+    assert gate.limit == 5
+
+
+def test_gate_needs_a_positive_limit() -> None:
     with pytest.raises(ValueError):
-        QuotaBreaker(model="stt", concurrent_limit=0)
-
-
-def test_explicit_monthly_opens_at_once() -> None:
-    breaker = QuotaBreaker(org="demo", model="stt", concurrent_limit=25)
-    breaker.record_success()
-    breaker.record_rejection(errors.MonthlyLimitReached("x", endpoint="stt"))
-    assert breaker.open and breaker.reason and "monthly" in breaker.reason
-    assert breaker.likely_cause == "the monthly usage limit for this model is reached"
-
-
-def test_suspect_rejections_in_a_row_open_it() -> None:
-    breaker = QuotaBreaker(model="stt", concurrent_limit=25)
-    breaker.record_success()
-    breaker.record_rejection(suspect())
-    assert breaker.suspect and not breaker.open and not breaker.may_send_new
-    breaker.record_rejection(suspect())
-    assert not breaker.open
-    breaker.record_rejection(suspect())
-    assert breaker.open
-    assert "probably" in (breaker.likely_cause or "")
-
-
-def test_a_success_resets_the_count() -> None:
-    breaker = QuotaBreaker(model="stt", concurrent_limit=25)
-    breaker.record_rejection(suspect())
-    breaker.record_rejection(suspect())
-    breaker.record_success()
-    assert not breaker.suspect and breaker.may_send_new and breaker.likely_cause is None
-    breaker.record_rejection(suspect())
-    breaker.record_rejection(suspect())
-    assert not breaker.open
-
-
-def test_plain_concurrency_clears_suspect_but_keeps_count() -> None:
-    breaker = QuotaBreaker(model="stt", concurrent_limit=3)
-    breaker.record_rejection(suspect())
-    breaker.record_rejection(suspect())
-    breaker.record_rejection(busy())
-    assert not breaker.suspect and not breaker.open
-    breaker.record_rejection(suspect())
-    assert breaker.open
-
-
-@pytest.mark.parametrize(
-    "error",
-    [transient(), errors.BadInput("x", endpoint="stt"), errors.AuthError("x", endpoint="stt")],
-)
-def test_other_errors_do_not_move_it(error: errors.ModulateError) -> None:
-    breaker = QuotaBreaker(model="stt", concurrent_limit=1)
-    breaker.record_rejection(error)
-    assert not breaker.open and not breaker.suspect
-
-
-def test_limit_one_opens_on_first_suspect() -> None:
-    breaker = QuotaBreaker(model="svd", concurrent_limit=1)
-    breaker.record_rejection(suspect())
-    assert breaker.open
-
-
-def test_never_succeeded_and_all_ambiguous_names_every_cause() -> None:
-    breaker = QuotaBreaker(model="svd", concurrent_limit=2)
-    for _ in range(2):
-        breaker.record_rejection(
-            errors.classify(endpoint="svd", status=403, detail="This request is not permitted.")
-        )
-    assert breaker.open
-    cause = breaker.likely_cause or ""
-    assert "API key" in cause and "access" in cause and "monthly" in cause
-
-
-def test_open_stays_open() -> None:
-    breaker = QuotaBreaker(model="stt", concurrent_limit=1)
-    breaker.record_rejection(suspect())
-    reason = breaker.reason
-    breaker.record_success()
-    assert breaker.open and breaker.reason == reason
-
-
-def test_calls_after_first_quota_error_are_bounded_by_the_limit() -> None:
-    """Simulate: limit C, quota exhausted; callers only re-probe while suspect."""
-    limit = 5
-    breaker = QuotaBreaker(model="stt", concurrent_limit=limit)
-    in_flight = limit  # C calls already on the wire when the quota runs out
-    calls_after_first = 0
-    queue = 100
-    while in_flight and not breaker.open:
-        breaker.record_rejection(suspect())  # each in-flight call comes back rejected
-        in_flight -= 1
-        calls_after_first += 1
-        decision = decide(ZERO, suspect(), 1, 0.0, breaker=breaker)
-        if isinstance(decision, Retry):
-            in_flight += 1  # the rejected file is re-probed
-        if breaker.may_send_new and queue:
-            queue -= 1
-            in_flight += 1
-    assert breaker.open and calls_after_first <= limit and queue == 100
+        ModelGate(model="stt", declared=0)
+    assert ModelGate(model="stt", declared=1).threshold == 1
+    assert ModelGate(model="stt", declared=25).threshold == 3

@@ -1,0 +1,241 @@
+"""What one run has learned about one org+model's limits: `ModelGate`.
+
+The limits a user declares are a belief (another client may share them; a typo says 10
+where the service enforces 4), and the 2026 API answers "too many at once" and "the month
+is used up" with the same 429 "Insufficient credits." (SVD: the same 403 for a bad key as
+well). So no single refusal decides anything; the gate weighs each one with what the run
+knows. The rules (keep in sync with the README, *Limits* and *Errors and retries*):
+
+1. `accepted_max` is the most calls of ours that were in flight when one was accepted (a
+   batch call that answered 2xx, a stream that sent its first message).
+2. A refusal is *explained by our own concurrency* when at least max(1, accepted_max) other
+   calls of ours were in flight as it came back, or when its detail says "too many at
+   once". Then the gate shrinks to what was in flight (never below 1), warns once when that
+   is below the declared limit, and probes back up by one after `limit * 2**k` successes in
+   a row (k = raises that were refused since; AIMD).
+3. Any other ambiguous refusal is *unexplained*: the gate turns suspect. No new file is sent;
+   one refused file at a time re-probes, `probe_spacing()` apart.
+4. A success of a call sent after the gate turned suspect clears it: the service accepts
+   calls, so the month is not used up.
+5. The monthly breaker opens on an explicit monthly/quota detail at once, or after
+   `threshold + 1` unexplained refusals with no such success between them (threshold =
+   min(declared, 3)); the probes between them are spaced so they span `quota_evidence_s`,
+   and at most `declared` calls are sent after the first refusal.
+6. When the refusals that opened it could also mean a bad key or a model not enabled (SVD's
+   403 "not permitted") and nothing succeeded in this run, the verdict is `access`: the run
+   stops naming the credentials, instead of deferring every file for a month.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from .errors import ConcurrencyLimited, ModulateError, MonthlyLimitReached
+
+__all__ = ["BREAKER_MAX_THRESHOLD", "ModelGate", "Permit", "Ticket"]
+
+BREAKER_MAX_THRESHOLD = 3
+_MAX_RAISE_BACKOFF = 6  # a raise of the gate waits at most limit * 2**6 successes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Permit:
+    """Leave to send one call; `probe` when it is the one call probing a suspect gate."""
+
+    probe: bool
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One call on the wire, by its send order."""
+
+    seq: int
+
+
+class ModelGate:
+    """The run's evidence about one org+model: the concurrency the service accepts, whether the
+    month looks used up, and one-at-a-time probing while in doubt. One per run and model;
+    lives on one event loop.
+    """
+
+    def __init__(
+        self, *, model: str, declared: int, org: str | None = None, source: str | None = None
+    ) -> None:
+        if declared < 1:
+            raise ValueError("declared must be at least 1")
+        self.model = model
+        self.org = org
+        self.declared = declared
+        self.source = source or "the limits block"  # named in the warning, e.g. "limits block 'x'"
+        self.limit = declared
+        self.accepted_max = 0
+        self.in_flight = 0
+        self.successes = 0
+        self.threshold = min(declared, BREAKER_MAX_THRESHOLD)
+        self.open = False
+        self.verdict: str | None = None  # "quota" or "access" once open
+        self.reason: str | None = None
+        self._seq = 0
+        self._suspect_since: int | None = None  # seq when the gate turned suspect
+        self._unexplained = 0
+        self._access_only = True  # every unexplained refusal could also be a bad key
+        self._explicit = False
+        self._streak = 0  # successes since the limit last changed
+        self._raise_backoff = 0
+        self._raised_at: int | None = None  # seq of the first call after a raise
+        self._warned = False
+        self._probing = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self.listeners: list[Callable[[int], None]] = []  # told the new limit when it changes
+
+    @property
+    def suspect(self) -> bool:
+        """True while an unexplained refusal has not been answered by a success."""
+        return self._suspect_since is not None
+
+    def sent(self) -> Ticket:
+        """Count a call going on the wire."""
+        self._seq += 1
+        self.in_flight += 1
+        return Ticket(self._seq)
+
+    def admitted(self, ticket: Ticket) -> None:
+        """The service accepted the call: a 2xx, or a stream's first message."""
+        self.successes += 1
+        self.accepted_max = max(self.accepted_max, self.in_flight)
+        if self._suspect_since is not None and ticket.seq > self._suspect_since:
+            self._suspect_since = None
+            self._unexplained = 0
+            self._access_only = True
+            self._notify()
+        self._streak += 1
+        if self._raised_at is not None and ticket.seq >= self._raised_at:
+            self._raise_backoff = 0  # a call sent above the old limit got through
+            self._raised_at = None
+        needed = self.limit * 2**self._raise_backoff
+        if self.limit < self.declared and self.in_flight >= self.limit and self._streak >= needed:
+            self._set_limit(self.limit + 1)
+            self._raised_at = self._seq + 1
+
+    def refused(self, ticket: Ticket, error: ModulateError) -> None:
+        """Weigh a refused call (any ModulateError; only limit errors change the gate)."""
+        others = self.in_flight - 1
+        if isinstance(error, MonthlyLimitReached):
+            self._explicit = True
+            self._trip("quota", f"{self.model}: the service says the monthly limit is reached")
+            return
+        if not isinstance(error, ConcurrencyLimited):
+            return
+        explained = not error.quota_suspect or others >= max(1, self.accepted_max)
+        if explained:
+            if self._raised_at is not None and ticket.seq >= self._raised_at:
+                self._raise_backoff = min(self._raise_backoff + 1, _MAX_RAISE_BACKOFF)
+                self._raised_at = None
+            if others < self.limit:
+                self._set_limit(max(1, others))
+            return
+        if self._suspect_since is None:
+            self._suspect_since = self._seq
+        self._unexplained += 1
+        self._access_only = self._access_only and error.access_suspect
+        if self._unexplained > self.threshold:
+            if self.successes == 0 and self._access_only:
+                self._trip(
+                    "access",
+                    f"{self.model}: {self._unexplained} calls refused"
+                    f" ({error.detail or 'no detail'}) and none succeeded: the API key is"
+                    " wrong, the model is not enabled for the organisation, or its monthly"
+                    " limit is used up",
+                )
+            else:
+                self._trip(
+                    "quota",
+                    f"{self.model}: {self._unexplained} refusals in a row that our own calls in"
+                    " flight do not explain, with no success between them",
+                )
+        self._notify()
+
+    def finished(self, ticket: Ticket) -> None:
+        """The call is off the wire, whatever its outcome."""
+        self.in_flight -= 1
+
+    def probe_spacing(self, quota_evidence_s: float) -> float:
+        """Seconds between re-probes while suspect, so the probes span `quota_evidence_s`."""
+        return quota_evidence_s / self.threshold
+
+    @property
+    def likely_cause(self) -> str | None:
+        """A human explanation once the gate is open or suspect, else None."""
+        if not (self.open or self.suspect):
+            return None
+        if self._explicit:
+            return "the monthly usage limit for this model is reached"
+        if self.verdict == "access":
+            return self.reason
+        return "the monthly usage limit (credits) for this model is probably used up"
+
+    @contextlib.asynccontextmanager
+    async def permit(self, *, retry: bool) -> AsyncIterator[Permit]:
+        """Wait until this call may go, holding no slot meanwhile.
+
+        While suspect, only retries go, one at a time: they are the probes. Take the slot
+        inside, then ask `may_send()`: the gate may have turned suspect while the call
+        waited for its slot.
+        """
+        await self._wait_for(lambda: self.open or not self.suspect or (retry and not self._probing))
+        probe = self.suspect and not self.open
+        self._probing = self._probing or probe
+        try:
+            yield Permit(probe)
+        finally:
+            if probe:
+                self._probing = False
+                self._notify()
+
+    def may_send(self, permit: Permit) -> bool:
+        """True when the call holding `permit` may go on the wire now."""
+        return not self.open and (permit.probe or not self.suspect)
+
+    def _set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._streak = 0
+        if limit < self.declared and not self._warned:
+            self._warned = True
+            logger.warning(
+                "%s says %d for %s, the service accepted at most %d at once: holding %d and "
+                "probing back up.",
+                self.source, self.declared, self.model, limit, limit,
+            )
+        for listener in self.listeners:
+            listener(limit)
+
+    def _trip(self, verdict: str, reason: str) -> None:
+        if not self.open:
+            self.open, self.verdict, self.reason = True, verdict, reason
+        self._notify()
+
+    async def _wait_for(self, ready: Callable[[], bool]) -> None:
+        loop = asyncio.get_running_loop()
+        while not ready():
+            changed = loop.create_future()
+            self._waiters.append(changed)
+            await changed
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for changed in waiters:
+            if not changed.done():
+                changed.set_result(None)
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelGate(model={self.model!r}, limit={self.limit}/{self.declared},"
+            f" open={self.open}, suspect={self.suspect}, unexplained={self._unexplained})"
+        )
+
