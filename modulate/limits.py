@@ -140,7 +140,7 @@ def decide(
         wait = max(wait, at_least)
         if waited + wait > policy.concurrency_budget_s:
             minutes = policy.concurrency_budget_s / 60
-            return GiveUp(f"the service kept refusing for concurrency for {minutes:g} min")
+            return GiveUp(f"the service kept refusing for concurrency for {minutes:.3g} min")
         return Retry(wait * policy.time_scale, charged=wait)
     if isinstance(error, Transient):
         if attempt >= policy.max_attempts:

@@ -13,7 +13,7 @@ holds more than ceil(C / runs); so a run that starts beside one holding every sl
 half of them as the other's calls end.
 
 The lease layer is supervised, like Prefect's own `concurrency/_leases.py`: a failed call
-is retried with backoff, a lease the server no longer knows (404 on renewal, the limit
+is retried with backoff, a lease the server no longer knows (404/410 on renewal, the limit
 deleted or recreated) is dropped, which shrinks what the run holds, and when the server
 cannot be reached for `failure_bound` seconds every waiting and future `slot()` raises
 `SlotsLost`. It never leaves a caller waiting forever.
@@ -48,6 +48,7 @@ FAIR_SHARE_INTERVAL_SECONDS = 1.0
 LEASE_UNITS = 8  # a run leases its slots in about this many pieces
 REGISTRY_LIMIT = 100_000  # registry limits count runs; they never refuse one
 _BACKOFF_CAP_SECONDS = 10.0
+_LEASE_GONE = frozenset({404, 410})  # Prefect answers 410 for a lease that expired
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +327,8 @@ class SlotPool:
                 await self._release(client, lease)
 
     async def _share(self, client: PrefectClient) -> None:
-        """Join or leave the registry and read how many runs share the limit."""
+        """Check the limit is still there, join or leave the registry, and count the runs."""
+        await self._read_limit(client)
         runs_name, waiting_name = registry_names(self.name)
         await self._register(client, "runs", self._demand > 0)
         runs = await _read_or_create(client, runs_name)
@@ -353,7 +355,7 @@ class SlotPool:
             try:
                 await client.renew_concurrency_lease(lease.lease_id, self.lease_duration)
             except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != 404:
+                if exc.response.status_code not in _LEASE_GONE:
                     raise
                 self._forget(lease, "the server no longer knows it")
             else:

@@ -1,0 +1,250 @@
+"""SlotPool against a real Prefect server, with faults injected by an HTTP proxy in between.
+
+Issue 11 cases 3 (a lease layer that never hangs) and 4 (fair sharing between runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tasks.slots import SlotPool, SlotsLost, registry_names
+from tests.fault_proxy import FaultProxy, until
+
+RENEW = r"/leases/.+/renew$"
+INCREMENT = r"/increment-with-lease$"
+
+
+@pytest.fixture(scope="session")
+def proxy(prefect_server: None) -> Iterator[FaultProxy]:
+    api = urlsplit(PREFECT_API_URL.value())
+    running = FaultProxy(f"{api.scheme}://{api.netloc}").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def through(proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """Every Prefect client made inside goes through the proxy."""
+    path = urlsplit(PREFECT_API_URL.value()).path
+    with temporary_settings({PREFECT_API_URL: proxy.url + path}):
+        yield proxy
+    proxy.clear()
+
+
+async def new_limit(slots: int) -> str:
+    name = f"modulate:test-{uuid.uuid4().hex[:8]}:stt"
+    async with get_client() as client:
+        await client.upsert_global_concurrency_limit_by_name(name, slots)
+    return name
+
+
+async def active(name: str) -> int:
+    async with get_client() as client:
+        return (await client.read_global_concurrency_limit_by_name(name)).active_slots
+
+
+@contextlib.asynccontextmanager
+async def holding(pool: SlotPool, n: int) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """n calls that each hold a slot until `release` is set."""
+    release = asyncio.Event()
+
+    async def call() -> None:
+        async with pool.slot():
+            await release.wait()
+
+    tasks = [asyncio.create_task(call()) for _ in range(n)]
+    try:
+        yield tasks
+    finally:
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_fifo_hand_off_and_cancellation_without_a_limit(prefect_server: None) -> None:
+    async with SlotPool("modulate:nobody:stt", fallback_limit=1) as pool:
+        assert not pool.managed
+        order: list[int] = []
+        gate = asyncio.Event()
+
+        async def call(i: int) -> None:
+            async with pool.slot():
+                order.append(i)
+                await gate.wait()
+
+        first = asyncio.create_task(call(0))
+        await until(lambda: order == [0], what="the first call")
+        waiters = [asyncio.create_task(call(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        waiters[0].cancel()  # a cancelled waiter passes its turn on, and leaks nothing
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *waiters, return_exceptions=True), 10)
+        assert order == [0, 2, 3] and pool._in_use == 0
+
+
+async def test_leases_top_up_give_back_and_release(prefect_server: None) -> None:
+    name = await new_limit(8)
+    async with SlotPool(name, fallback_limit=8, renew_every=0.2) as pool:
+        pool.add_demand(8)
+        await until(lambda: pool.held == 8, what="8 slots leased")
+        assert await active(name) == 8
+        assert len(pool._leases) > 1  # in pieces, so some can be given back
+        pool.add_demand(-5)
+        await until(lambda: pool.held == 3, what="5 slots given back")
+        assert await active(name) == 3
+    assert await active(name) == 0
+
+
+async def test_a_refused_increment_is_halved_and_retried(through: FaultProxy) -> None:
+    name = await new_limit(8)
+    rule = through.fail("POST", INCREMENT, 423, times=1)
+    async with SlotPool(name, fallback_limit=8, renew_every=0.2) as pool:
+        pool.add_demand(1)
+        async with pool.slot():
+            assert pool.held >= 1
+    assert rule.hits == 1
+
+
+@pytest.mark.parametrize("status", [500, 502])
+async def test_renewal_errors_are_retried_and_calls_go_on(
+    through: FaultProxy, status: int
+) -> None:
+    name = await new_limit(4)
+    async with SlotPool(name, fallback_limit=4, renew_every=0.1) as pool:
+        pool.add_demand(4)
+        await until(lambda: pool.held == 4, what="4 slots leased")
+        rule = through.fail("POST", RENEW, status, times=3)
+        await until(lambda: rule.hits == 3, what="three failed renewals")
+        through.clear()
+        renewed = len([p for m, p in through.forwarded if p.endswith("/renew")])
+        await until(
+            lambda: len([p for m, p in through.forwarded if p.endswith("/renew")]) > renewed,
+            what="a renewal after the API recovered",
+        )
+        assert pool.held == 4
+        async with holding(pool, 4):
+            await until(lambda: pool._in_use == 4, what="four calls")
+
+
+async def test_a_lease_the_server_forgot_is_dropped_and_leased_again(
+    prefect_server: None,
+) -> None:
+    name = await new_limit(4)
+    async with SlotPool(name, fallback_limit=4, renew_every=0.1) as pool:
+        pool.add_demand(4)
+        await until(lambda: pool.held == 4, what="4 slots leased")
+        lost = {lease.lease_id for lease in pool._leases}
+        async with get_client() as client:  # what the server does when a lease expires
+            for lease_id in lost:
+                await client.release_concurrency_slots_with_lease(lease_id)
+        await until(
+            lambda: pool.held == 4 and not lost & {lease.lease_id for lease in pool._leases},
+            what="fresh leases for the lost ones",
+        )
+        assert await active(name) == 4
+
+
+async def test_an_unreachable_api_fails_every_waiter_within_the_bound(
+    through: FaultProxy,
+) -> None:
+    """Case 3: one 500 used to kill the maintainer and leave slot() waiting forever."""
+    name = await new_limit(2)
+    async with SlotPool(name, fallback_limit=2, renew_every=0.1, failure_bound=1.5) as pool:
+        pool.add_demand(3)
+        await until(lambda: pool.held == 2, what="2 slots leased")
+        through.fail("GET", r".", 500)
+        through.fail("POST", r".", 500)
+        async with holding(pool, 2):
+            waiter = asyncio.create_task(_one_call(pool))
+            with pytest.raises(SlotsLost, match="limits sync"):
+                await asyncio.wait_for(waiter, 30)
+        with pytest.raises(SlotsLost):
+            async with pool.slot():
+                pass
+
+
+async def _one_call(pool: SlotPool) -> None:
+    async with pool.slot():
+        pass
+
+
+async def test_a_deleted_limit_fails_loudly(prefect_server: None) -> None:
+    name = await new_limit(2)
+    async with SlotPool(name, fallback_limit=2, renew_every=0.1, failure_bound=1.5) as pool:
+        pool.add_demand(3)
+        await until(lambda: pool.held == 2, what="2 slots leased")
+        async with get_client() as client:
+            await client.delete_global_concurrency_limit_by_name(name)
+        await until(lambda: pool.held == 0, what="the leases of a deleted limit dropped")
+        with pytest.raises(SlotsLost, match="was deleted"):
+            await asyncio.wait_for(_one_call(pool), 30)
+
+
+async def test_a_recreated_limit_is_leased_anew(prefect_server: None) -> None:
+    name = await new_limit(3)
+    async with SlotPool(name, fallback_limit=3, renew_every=0.1) as pool:
+        pool.add_demand(3)
+        await until(lambda: pool.held == 3, what="3 slots leased")
+        async with get_client() as client:
+            await client.delete_global_concurrency_limit_by_name(name)
+            await client.upsert_global_concurrency_limit_by_name(name, 3)
+        pool.add_demand(1)  # wake the maintainer: it reads the limit and sees a new id
+        await until(lambda: pool.held == 3, what="3 slots of the new limit")
+        await until_async(lambda: active(name), 3)
+
+
+async def until_async(read, expected: int, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (value := await read()) != expected:
+        assert loop.time() < deadline, f"expected {expected}, still {value}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_second_run_gets_half_while_the_first_holds_every_slot(
+    prefect_server: None,
+) -> None:
+    """Case 4: today the first run kept all C until its last call ended."""
+    limit = 8
+    name = await new_limit(limit)
+    async with SlotPool(name, fallback_limit=limit, renew_every=0.2) as first:
+        first.add_demand(1000)
+        await until(lambda: first.held == limit, what="the first run holding every slot")
+        async with contextlib.AsyncExitStack() as stack:
+            second = await stack.enter_async_context(
+                SlotPool(name, fallback_limit=limit, renew_every=0.2)
+            )
+            second.add_demand(1000)
+            # The first run's calls keep ending and starting, as a busy run's do.
+            churn = asyncio.create_task(_churn(first, 200))
+            try:
+                await until(
+                    lambda: second.held >= limit // 2, what="the second run's half", timeout=30
+                )
+            finally:
+                churn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await churn
+            assert first.held + second.held <= limit
+            assert first.held <= -(-limit // 2)
+        runs, waiting = registry_names(name)
+        async with get_client() as client:
+            assert (await client.read_global_concurrency_limit_by_name(runs)).active_slots <= 1
+
+
+async def _churn(pool: SlotPool, calls: int) -> None:
+    """Short calls back to back on every slot the pool grants."""
+
+    async def call() -> None:
+        async with pool.slot():
+            await asyncio.sleep(0.01)  # the call's latency
+
+    for _ in range(calls):
+        await asyncio.gather(*(call() for _ in range(8)))
