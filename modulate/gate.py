@@ -6,22 +6,21 @@ is used up" with the same 429 "Insufficient credits." (SVD: the same 403 for a b
 well). So no single refusal decides anything; the gate weighs each one with what the run
 knows. The rules (keep in sync with the README, *Limits* and *Errors and retries*):
 
-1. `accepted_max` is the most calls of ours that were in flight when one was accepted (a
-   batch call that answered 2xx, a stream that sent its first message).
-2. A refusal is *explained by our own concurrency* when at least max(1, accepted_max) other
-   calls of ours were in flight as it came back, or when its detail says "too many at
-   once". Then the gate shrinks to what was in flight (never below 1), warns once when that
-   is below the declared limit, and probes back up by one after `limit * 2**k` successes in
-   a row (k = raises that were refused since; AIMD).
-3. Any other ambiguous refusal is *unexplained*: the gate turns suspect. No new file is sent;
-   one refused file at a time re-probes, `probe_spacing()` apart.
-4. A success of a call sent after the gate turned suspect clears it: the service accepts
-   calls, so the month is not used up.
-5. The monthly breaker opens on an explicit monthly/quota detail at once, or after
-   `threshold + 1` unexplained refusals with no such success between them (threshold =
-   min(declared, 3)); the probes between them are spaced so they span `quota_evidence_s`,
-   and at most `declared` calls are sent after the first refusal.
-6. When the refusals that opened it could also mean a bad key or a model not enabled (SVD's
+1. Every refusal for concurrency (explicit or ambiguous) that came with fewer of our calls in
+   flight than the gate allows shrinks the gate to that many (never below 1), with one
+   warning when that is below the declared limit; after `limit * 2**k` successes in a row at
+   the limit it probes back up by one (k = raises refused since; AIMD).
+2. An ambiguous refusal ("Insufficient credits.", SVD's 403) starts a *doubt*. The calls
+   already on the wire knew nothing of it, so only calls sent after it count as evidence.
+3. A success of a call sent in doubt ends it: the service still accepts calls, so the month
+   is not used up (a burst over the real limit, or another client of the org, explains it).
+4. Once a call sent in doubt is refused too, the gate is *suspect*: no new file is sent;
+   one refused file at a time re-probes, spaced `probe_spacing()` apart when none of ours
+   is in flight (the refusals must persist over `quota_evidence_s`).
+5. The monthly breaker opens on an explicit monthly/quota detail at once, or when
+   `threshold` (= min(declared, 3)) calls sent in doubt were refused with no success: at
+   most `declared` calls after the first refusal.
+6. When every ambiguous refusal could also mean a bad key or a model not enabled (SVD's
    403 "not permitted") and nothing succeeded in this run, the verdict is `access`: the run
    stops naming the credentials, instead of deferring every file for a month.
 """
@@ -74,7 +73,6 @@ class ModelGate:
         self.declared = declared
         self.source = source or "the limits block"  # named in the warning, e.g. "limits block 'x'"
         self.limit = declared
-        self.accepted_max = 0
         self.in_flight = 0
         self.successes = 0
         self.threshold = min(declared, BREAKER_MAX_THRESHOLD)
@@ -82,8 +80,9 @@ class ModelGate:
         self.verdict: str | None = None  # "quota" or "access" once open
         self.reason: str | None = None
         self._seq = 0
-        self._suspect_since: int | None = None  # seq when the gate turned suspect
-        self._unexplained = 0
+        self._doubt_since: int | None = None  # seq when the first ambiguous refusal came
+        self._post_doubt = 0  # ambiguous refusals of calls sent after that
+        self.alone = False  # the last ambiguous refusal came with none of ours in flight
         self._access_only = True  # every unexplained refusal could also be a bad key
         self._explicit = False
         self._streak = 0  # successes since the limit last changed
@@ -96,8 +95,8 @@ class ModelGate:
 
     @property
     def suspect(self) -> bool:
-        """True while an unexplained refusal has not been answered by a success."""
-        return self._suspect_since is not None
+        """True once a call sent in doubt was refused too, until a fresh success."""
+        return self._post_doubt > 0
 
     def sent(self) -> Ticket:
         """Count a call going on the wire."""
@@ -108,10 +107,9 @@ class ModelGate:
     def admitted(self, ticket: Ticket) -> None:
         """The service accepted the call: a 2xx, or a stream's first message."""
         self.successes += 1
-        self.accepted_max = max(self.accepted_max, self.in_flight)
-        if self._suspect_since is not None and ticket.seq > self._suspect_since:
-            self._suspect_since = None
-            self._unexplained = 0
+        if self._doubt_since is not None and ticket.seq > self._doubt_since:
+            self._doubt_since = None  # a call sent in doubt got through: not the month
+            self._post_doubt = 0
             self._access_only = True
             self._notify()
         self._streak += 1
@@ -132,32 +130,34 @@ class ModelGate:
             return
         if not isinstance(error, ConcurrencyLimited):
             return
-        explained = not error.quota_suspect or others >= max(1, self.accepted_max)
-        if explained:
-            if self._raised_at is not None and ticket.seq >= self._raised_at:
-                self._raise_backoff = min(self._raise_backoff + 1, _MAX_RAISE_BACKOFF)
-                self._raised_at = None
-            if others < self.limit:
-                self._set_limit(max(1, others))
-            return
-        if self._suspect_since is None:
-            self._suspect_since = self._seq
-        self._unexplained += 1
+        if self._raised_at is not None and ticket.seq >= self._raised_at:
+            self._raise_backoff = min(self._raise_backoff + 1, _MAX_RAISE_BACKOFF)
+            self._raised_at = None
+        if others < self.limit:
+            self._set_limit(max(1, others))
+        if not error.quota_suspect:
+            return  # the service says "too many at once": nothing more to weigh
+        self.alone = others == 0
         self._access_only = self._access_only and error.access_suspect
-        if self._unexplained > self.threshold:
+        if self._doubt_since is None:
+            self._doubt_since = self._seq  # the calls already sent knew nothing of it
+            return
+        if ticket.seq <= self._doubt_since:
+            return
+        self._post_doubt += 1
+        if self._post_doubt >= self.threshold:
             if self.successes == 0 and self._access_only:
                 self._trip(
                     "access",
-                    f"{self.model}: {self._unexplained} calls refused"
-                    f" ({error.detail or 'no detail'}) and none succeeded: the API key is"
-                    " wrong, the model is not enabled for the organisation, or its monthly"
-                    " limit is used up",
+                    f"{self.model}: every call was refused ({error.detail or 'no detail'}) and"
+                    " none succeeded: the API key is wrong, the model is not enabled for the"
+                    " organisation, or its monthly limit is used up",
                 )
             else:
                 self._trip(
                     "quota",
-                    f"{self.model}: {self._unexplained} refusals in a row that our own calls in"
-                    " flight do not explain, with no success between them",
+                    f"{self.model}: {self._post_doubt + 1} refusals with no success between"
+                    " them, the later ones sent after the first was seen",
                 )
         self._notify()
 
@@ -166,8 +166,10 @@ class ModelGate:
         self.in_flight -= 1
 
     def probe_spacing(self, quota_evidence_s: float) -> float:
-        """Seconds between re-probes while suspect, so the probes span `quota_evidence_s`."""
-        return quota_evidence_s / self.threshold
+        """The least wait before a re-probe: while suspect with none of ours in flight, so
+        that the `threshold` probes span `quota_evidence_s`; else none (calls in flight
+        will tell more)."""
+        return quota_evidence_s / self.threshold if self.suspect and self.alone else 0.0
 
     @property
     def likely_cause(self) -> str | None:
@@ -236,6 +238,6 @@ class ModelGate:
     def __repr__(self) -> str:
         return (
             f"ModelGate(model={self.model!r}, limit={self.limit}/{self.declared},"
-            f" open={self.open}, suspect={self.suspect}, unexplained={self._unexplained})"
+            f" open={self.open}, suspect={self.suspect}, post_doubt={self._post_doubt})"
         )
 

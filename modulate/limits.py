@@ -58,8 +58,8 @@ class RetryPolicy:
     # A file that has waited this long in all for "too many at once" is deferred, not failed:
     # a counter stuck on the service's side must not keep a run (and its slots) alive forever.
     concurrency_budget_s: float = 900.0
-    # Unexplained refusals must persist this long, while our own calls do not explain them,
-    # before the monthly breaker opens (see modulate/gate.py, rule 5).
+    # Ambiguous refusals with none of our calls in flight must persist this long before the
+    # monthly breaker opens (see modulate/gate.py, rule 4).
     quota_evidence_s: float = 30.0
     retry_after_cap: float = 120.0
     time_scale: float = 1.0  # every wait is multiplied by this; 0.0 in tests
@@ -227,10 +227,9 @@ async def call_with_retries(
         retry = True
         if not isinstance(error, ConcurrencyLimited):
             transient += 1
-        at_least = gate.probe_spacing(policy.quota_evidence_s) if gate.suspect else 0.0
         decision = decide(
             policy, error, transient, time.monotonic() - started, rng,
-            waited=waited, at_least=at_least,
+            waited=waited, at_least=gate.probe_spacing(policy.quota_evidence_s),
         )
         if isinstance(decision, GiveUp):
             if isinstance(error, ConcurrencyLimited):

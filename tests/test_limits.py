@@ -309,22 +309,21 @@ async def test_explicit_concurrency_forever_defers_after_the_budget() -> None:
 async def test_a_stream_is_admitted_at_its_first_message() -> None:
     from modulate.limits import mark_admitted
 
-    gate = ModelGate(model="stt-streaming", declared=2)
+    gate = ModelGate(model="stt-streaming", declared=3)
     seen: list[bool] = []
 
     async def stream() -> str:
-        if not seen:
-            seen.append(gate.suspect)
-            raise busy(suspect=True)  # refused with nothing else in flight: suspect
         seen.append(gate.suspect)
-        mark_admitted()  # the retry's first server message
+        if len(seen) < 3:
+            raise busy(suspect=True)  # refused alone, twice: the second makes it suspect
+        mark_admitted()  # the third attempt's first server message
         seen.append(gate.suspect)
         raise errors.BadInput("later", endpoint="stt-streaming")
 
     slots = Slots(gate)
     with pytest.raises(errors.BadInput):
         await call_with_retries(stream, gate=gate, policy=ZERO, slot=slots.slot)
-    assert seen == [False, True, False] and gate.successes == 1
+    assert seen == [False, False, True, False] and gate.successes == 1
 
 
 def test_explained_refusals_shrink_the_gate_and_it_probes_back_up() -> None:
