@@ -33,7 +33,9 @@ DESCRIPTION_KEY = b"description"
 # Hive partition columns, in path order. They close every schema because that is where
 # pyarrow, DuckDB and polars put partition columns when they read the dataset back.
 PARTITION_COLUMNS: tuple[str, str] = ("model", "date")
-FILE_STATUSES = frozenset({"completed", "failed", "deferred_quota", "skipped"})
+FILE_STATUSES = frozenset(
+    {"completed", "failed", "deferred_quota", "deferred_concurrency", "skipped"}
+)
 
 FILE_ID_HEX_CHARS = 16
 CONFIG_HASH_HEX_CHARS = 12
@@ -97,7 +99,7 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
             _field(
                 "status",
                 pa.string(),
-                "Outcome: completed, failed, deferred_quota or skipped.",
+                "Outcome: completed, failed, deferred_quota, deferred_concurrency or skipped.",
                 nullable=False,
             ),
             _field("error_class", pa.string(), "Error class name when the file did not complete."),
