@@ -50,7 +50,8 @@ def print_rows(
                 if value:
                     console.print(f"    {column}: {value}", highlight=False, overflow="fold")
         return
-    table = Table(title=title)
+    # Rows whose text folds over several lines need a rule between them to be read.
+    table = Table(title=title, show_lines=bool(wide))
     for column in columns:
         if column in wide:
             table.add_column(column, overflow="fold")
