@@ -82,6 +82,8 @@ def _start_local_server(bound: int, home: str, console: Console) -> str:
         f"Starting a local Prefect server (its database is in {home}; a first start creates "
         f"it), up to {bound} s..."
     )
+    if not console.is_terminal:  # a spinner shows nothing in a log: say it once
+        console.print(waiting, highlight=False)
     with console.status(waiting):
         try:
             server.start(timeout=bound)

@@ -126,9 +126,10 @@ async def test_check_passes_then_names_each_broken_thing(org_env: OrgEnv) -> Non
         account_uuid=platform.account_uuid, api_key=SecretStr(CANARY),
         base_url=env.services.emulator_url,
     ).asave(f"{env.block}-badplatform", overwrite=True)
-    result = await _invoke(*_check_args(
-        env, credentials=f"{env.block}-badkey", **{"platform-credentials": f"{env.block}-badplatform"}
-    ))
+    names = {
+        "credentials": f"{env.block}-badkey", "platform-credentials": f"{env.block}-badplatform"
+    }
+    result = await _invoke(*_check_args(env, **names))
     assert result.exit_code == 1
     assert "refused" in _row(result, "Modulate key") and "FAIL" in _row(result, "Modulate key")
     assert "FAIL" in _row(result, "Platform credentials")
