@@ -11,6 +11,7 @@ import asyncio
 from typing import Any, TypeVar, overload
 
 from prefect.blocks.core import Block
+from pydantic import ValidationError
 
 __all__ = ["BlockNotLoaded", "create_hint", "load_block", "load_blocks"]
 
@@ -49,15 +50,26 @@ def create_hint(block_type: type[Block], name: str) -> str:
 
 async def load_block(block_type: type[A], name: str) -> A:
     """Load one block; raise BlockNotLoaded naming it, its type and how to create it."""
+    title = block_type.get_block_type_name()
     try:
         return await block_type.aload(name)
-    except ValueError as exc:  # a missing document, or one that no longer validates
-        title = block_type.get_block_type_name()
-        if "Unable to find block document" in str(exc):
-            problem = f"The {title} block {name!r} does not exist"
-        else:
-            problem = f"The {title} block {name!r} exists but cannot be loaded ({exc})"
-        raise BlockNotLoaded(f"{problem}. Create it: {create_hint(block_type, name)}.") from None
+    except ValueError:  # Prefect's "Unable to find block document named ..."
+        problem = f"The {title} block {name!r} does not exist"
+    except RuntimeError as exc:  # Prefect's "... due to failed validation", from pydantic's
+        if not isinstance(exc.__cause__, ValidationError):
+            raise
+        problem = (
+            f"The {title} block {name!r} exists but does not load ({_reason(exc.__cause__)})"
+        )
+    raise BlockNotLoaded(f"{problem}. Create it: {create_hint(block_type, name)}.") from None
+
+
+def _reason(exc: ValidationError) -> str:
+    """Why a document does not validate: field and message, never the value (it may be a key)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+        for error in exc.errors(include_input=False, include_url=False)
+    )
 
 
 @overload
