@@ -24,6 +24,8 @@ from typing import Any
 
 from rich.markup import escape
 
+from modulate_flows.blocks_cli import DEFAULT_BLOCK_NAME, DEFAULT_BUCKET_BLOCK_NAME
+
 __all__ = [
     "CHECK_TIMEOUT_SECONDS",
     "COUNT_CAP",
@@ -53,13 +55,13 @@ _PROBE_BYTES = b"modulate-flows check: a write probe, deleted at once\n"
 class CheckTargets:
     """The block names and the input selection to check (the flows' defaults)."""
 
-    credentials: str = "modulate"
-    limits: str = "modulate"
-    output: str = "modulate"
-    bucket: str = "audio-inbox"
+    credentials: str = DEFAULT_BLOCK_NAME
+    limits: str = DEFAULT_BLOCK_NAME
+    output: str = DEFAULT_BLOCK_NAME
+    bucket: str = DEFAULT_BUCKET_BLOCK_NAME
     prefix: str = ""
     pattern: str = "*"
-    platform_credentials: str | None = None  # None: checked if a "modulate" block exists
+    platform_credentials: str | None = None  # None: checked if the default block exists
 
 
 @dataclass
@@ -86,7 +88,7 @@ async def run_checks(targets: CheckTargets) -> list[Check]:
         (
             "platform",
             PlatformCredentials,
-            targets.platform_credentials or "modulate",
+            targets.platform_credentials or DEFAULT_BLOCK_NAME,
             targets.platform_credentials is not None,
         ),
     ]
@@ -310,7 +312,7 @@ async def _platform_row(credentials: Any, targets: CheckTargets) -> Check:
     from modulate import AuthError, BadInput, ConcurrencyLimited, ModulateError, MonthlyLimitReached
 
     name = "Platform credentials"
-    block = targets.platform_credentials or "modulate"
+    block = targets.platform_credentials or DEFAULT_BLOCK_NAME
     fix = (
         f"Set the account UUID and API key in the Modulate Platform Credentials block {block!r} "
         f"(`modulate-flows blocks from-env --name {block}` with MODULATE_PLATFORM_ACCOUNT_UUID "

@@ -29,6 +29,11 @@ app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
 app.command()(bench)
 console = make_console()
+# The block-name options `check` and `run` share (typer names each after its parameter).
+CredentialsBlock = Annotated[str, typer.Option(help="Name of the Modulate Credentials block.")]
+LimitsBlock = Annotated[str, typer.Option(help="Name of the Modulate Org Limits block.")]
+OutputBlock = Annotated[str, typer.Option(help="Name of the Modulate Parquet Output block.")]
+BucketBlock = Annotated[str, typer.Option(help="Name of the input S3 Bucket block.")]
 
 
 @app.command()
@@ -70,9 +75,7 @@ def emulator(
 
 @limits_app.command("sync")
 def limits_sync(
-    block: Annotated[str, typer.Option(help="Name of the Modulate Org Limits block.")] = (
-        DEFAULT_BLOCK_NAME
-    ),
+    block: LimitsBlock = DEFAULT_BLOCK_NAME,
 ) -> None:
     """Create or update one Prefect concurrency limit per model of the org."""
     connect_or_exit(console)
@@ -93,18 +96,10 @@ def limits_sync(
 
 @app.command()
 def check(
-    credentials: Annotated[
-        str, typer.Option(help="Name of the Modulate Credentials block.")
-    ] = DEFAULT_BLOCK_NAME,
-    limits: Annotated[
-        str, typer.Option(help="Name of the Modulate Org Limits block.")
-    ] = DEFAULT_BLOCK_NAME,
-    output: Annotated[
-        str, typer.Option(help="Name of the Modulate Parquet Output block.")
-    ] = DEFAULT_BLOCK_NAME,
-    bucket: Annotated[
-        str, typer.Option(help="Name of the input S3 Bucket block.")
-    ] = DEFAULT_BUCKET_BLOCK_NAME,
+    credentials: CredentialsBlock = DEFAULT_BLOCK_NAME,
+    limits: LimitsBlock = DEFAULT_BLOCK_NAME,
+    output: OutputBlock = DEFAULT_BLOCK_NAME,
+    bucket: BucketBlock = DEFAULT_BUCKET_BLOCK_NAME,
     prefix: Annotated[str, typer.Option(help="Input prefix to list.")] = "",
     pattern: Annotated[str, typer.Option(help="Glob the input keys must match.")] = "*",
     platform_credentials: Annotated[
@@ -114,8 +109,9 @@ def check(
 ) -> None:
     """Check everything a run needs, one row a check, with what to do; exit 1 if any fails.
 
-    Nothing is paid for: the Modulate key is proven by opening the STT stream and ending it
-    before any audio, the Platform credentials by the status of a made-up job.
+    Nothing is billed: the key is proven by an STT stream ended before any audio.
+
+    The Platform credentials are proven by the status of a made-up job id.
     """
     from modulate_flows.check import FAIL, OK, Check, CheckTargets, rows_for_table, run_checks
 
@@ -144,24 +140,18 @@ def check(
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="stt, vfast, svd or pii.")],
-    bucket_block: Annotated[
-        str, typer.Option(help="Name of the input S3 Bucket block.")
-    ] = DEFAULT_BUCKET_BLOCK_NAME,
+    bucket_block: BucketBlock = DEFAULT_BUCKET_BLOCK_NAME,
     prefix: Annotated[str, typer.Option(help="Only keys under this prefix.")] = "",
     pattern: Annotated[str, typer.Option(help="Glob on the key, e.g. *.wav.")] = "*",
     max_files: Annotated[
         int | None, typer.Option(min=1, help="Stop after this many matching objects.")
     ] = None,
-    credentials: Annotated[
-        str, typer.Option(help="Name of the Modulate Credentials block.")
-    ] = DEFAULT_BLOCK_NAME,
-    limits: Annotated[
-        str, typer.Option(help="Name of the Modulate Org Limits block.")
-    ] = DEFAULT_BLOCK_NAME,
-    output: Annotated[
-        str, typer.Option(help="Name of the Modulate Parquet Output block.")
-    ] = DEFAULT_BLOCK_NAME,
-    chunk_size: Annotated[int, typer.Option(min=1, max=1000, help="Files per task.")] = 100,
+    credentials: CredentialsBlock = DEFAULT_BLOCK_NAME,
+    limits: LimitsBlock = DEFAULT_BLOCK_NAME,
+    output: OutputBlock = DEFAULT_BLOCK_NAME,
+    chunk_size: Annotated[
+        int | None, typer.Option(min=1, max=1000, help="Files per task (default 100).")
+    ] = None,
     options: Annotated[
         str | None,
         typer.Option(help='The model\'s options as JSON, e.g. \'{"emotion_signal": true}\'.'),
@@ -169,8 +159,9 @@ def run(
 ) -> None:
     """Run one batch flow now, through Prefect (it shows in the UI), with a progress bar.
 
-    Exit status 1 if the run failed (a refused key, a missing block, S3 down); a run whose
-    files partly failed completes, and the summary says why each failed.
+    Exit status 1 if the run failed (a refused key, S3 down), 2 if a block is missing.
+
+    A run whose files partly failed completes; the summary says why each failed.
     """
     import json
 
@@ -193,9 +184,9 @@ def run(
     source = S3Input(
         bucket_block=bucket_block, prefix=prefix, pattern=pattern, max_files=max_files
     )
+    chunk = {"chunk_size": chunk_size} if chunk_size is not None else {}
     settings = RunSettings(
-        credentials_block=credentials, limits_block=limits, output_block=output,
-        chunk_size=chunk_size,
+        credentials_block=credentials, limits_block=limits, output_block=output, **chunk
     )
     try:
         state = asyncio.run(run_adhoc(model, source, settings, parsed, console))
