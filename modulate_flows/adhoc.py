@@ -13,8 +13,10 @@ import inspect
 import uuid
 from typing import Any
 
+import httpx
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 __all__ = ["FLOW_NAMES", "PROGRESS_POLL_SECONDS", "run_adhoc"]
@@ -81,7 +83,8 @@ async def run_adhoc(
             progress.update(bar, completed=100)
     state = run.result()
     colour = "green" if state.is_completed() else "red"
-    console.print(f"[bold]{flow.name}[/]: [{colour}]{state.name}[/] - {state.message}")
+    message = escape(state.message or "")
+    console.print(f"[bold]{flow.name}[/]: [{colour}]{state.name}[/] - {message}")
     where = f"s3://{bucket.bucket_name}"
     print_summary(
         parquet.location(),
@@ -111,10 +114,13 @@ async def _progress(run_name: str) -> float | None:
         FlowRunFilterName,
     )
 
-    async with get_client() as client:
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
-            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])),
-        )
+    try:
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])),
+            )
+    except httpx.HTTPError:
+        return None  # the bar waits for the next poll; the run itself goes on
     values = [a.data for a in artifacts if isinstance(a.data, (int, float))]
     return float(max(values)) if values else None
