@@ -19,6 +19,7 @@ from prefect_aws import S3Bucket
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks import OrgLimits, ParquetOutput, PlatformCredentials
+from blocks.loading import load_blocks
 from modulate import PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
 from tasks import output
@@ -97,11 +98,14 @@ async def platform_jobs(
         settings: The Platform credentials, org-limits and output block names.
     """
     logger = get_run_logger()
-    bucket = await S3Bucket.aload(source.bucket_block)
+    bucket, credentials, limits, parquet = await load_blocks(
+        (S3Bucket, source.bucket_block),
+        (PlatformCredentials, settings.platform_credentials_block),
+        (OrgLimits, settings.limits_block),
+        (ParquetOutput, settings.output_block),
+    )
     s3_client = bucket.credentials.get_s3_client()
-    credentials = await PlatformCredentials.aload(settings.platform_credentials_block)
-    limits = await OrgLimits.aload(settings.limits_block)
-    location = (await ParquetOutput.aload(settings.output_block)).location()
+    location = parquet.location()
     config_hash = config_hash_for({"model": MODEL, "flags": options.flags.model_dump()})
     records = await asyncio.to_thread(load_records, location, config_hash)
     done = await asyncio.to_thread(output.read_ledger, location, MODEL, config_hash)

@@ -15,6 +15,7 @@ from prefect.states import State
 from pydantic import Field
 
 from blocks import ModulateCredentials
+from blocks.loading import load_block
 from modulate import StreamingClient, StreamParams
 from modulate.streaming import StreamEndpoint
 from tasks.runner import RunSettings, run_batch
@@ -97,7 +98,7 @@ async def _run(
 ) -> State:
     check_params(options)
     client: StreamingClient = (
-        await ModulateCredentials.aload(settings.credentials_block)
+        await load_block(ModulateCredentials, settings.credentials_block)
     ).streaming_client()
     return await run_batch(
         lambda s3, bucket: StreamJob(

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+from modulate_flows.console import make_console, print_rows
+from modulate_flows.prefect_api import connect_or_exit
 
 __all__ = ["PlannedBlock", "blocks_app", "plan_from_env"]
 
@@ -23,7 +24,7 @@ DEFAULT_BLOCK_NAME = "modulate"
 DEFAULT_BUCKET_BLOCK_NAME = "audio-inbox"
 
 blocks_app = typer.Typer(help="The Prefect blocks a deployment uses.", no_args_is_help=True)
-console = Console()
+console = make_console()
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PlannedBlock:
 @blocks_app.command("register")
 def register() -> None:
     """Register the block types with the Prefect server (as `prefect block register -m blocks`)."""
+    connect_or_exit(console)
     from prefect_aws import AwsCredentials, S3Bucket
 
     import blocks
@@ -82,19 +84,22 @@ def from_env(
         console.print("[red]No block variables set.[/red] Set e.g. MODULATE_API_KEY.")
         raise typer.Exit(1)
 
+    connect_or_exit(console)
+
     async def save() -> None:
         for item in planned:
             await item.block.asave(item.name, overwrite=overwrite)  # type: ignore[attr-defined]
 
     asyncio.run(save())
-    table = Table("block type", "name", "from")
-    for item in planned:
-        table.add_row(
+    rows = [
+        (
             item.block.get_block_type_name(),  # type: ignore[attr-defined]
             item.name,
             ", ".join(item.variables),
         )
-    console.print(table)
+        for item in planned
+    ]
+    print_rows(console, "Blocks saved", ("block type", "name", "from"), rows, wide=("from",))
     if any(type(item.block).__name__ == "OrgLimits" for item in planned):
         console.print("Run `modulate-flows limits sync` to apply the limits to Prefect.")
 

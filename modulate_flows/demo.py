@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import duckdb
 from rich.console import Console
-from rich.table import Table
 
 from blocks import ModelLimit, OrgLimits
 from emulator import EmulatorConfig, Latency, ModelLimits, OrgConfig
+from modulate_flows.console import print_rows
 from modulate_flows.local import LocalServices, local_services, save_blocks
 from modulate_flows.samples import bad_files, demo_files
+from modulate_flows.summary import print_summary
+from tasks.output import OutputLocation
 
 __all__ = ["run_demo"]
 
@@ -105,61 +106,22 @@ async def _run_flows(services: LocalServices, parquet: Path, console: Console) -
 def _print_summary(
     parquet: Path, states: dict[str, Any], stats: dict[str, Any], console: Console
 ) -> None:
-    con = duckdb.connect()
-
-    def scan(table: str) -> str:
-        return f"read_parquet('{parquet}/{table}/**/*.parquet', hive_partitioning=true)"
-
-    ledger = Table(title="Files by model and status (the files table)")
-    for column in ("model", "completed", "failed", "skipped", "deferred", "audio minutes"):
-        ledger.add_column(column, justify="right")
-    rows = con.execute(
-        "select model, count(*) filter (status = 'completed'),"
-        " count(*) filter (status = 'failed'), count(*) filter (status = 'skipped'),"
-        " count(*) filter (status = 'deferred_quota'),"
-        f" round(sum(audio_duration_ms) / 60000.0, 1) from {scan('files')} group by all order by 1"
-    ).fetchall()
-    for row in rows:
-        ledger.add_row(*(str(value) for value in row))
-    console.print(ledger)
-
-    problems = Table(title="Why files failed or were skipped (error_detail in the files table)")
-    for column in ("file", "models", "status", "why"):
-        problems.add_column(column)
-    for uri, models, status, why in con.execute(
-        f"select source_uri, string_agg(model, ', ' order by model), status, "
-        f"min(error_detail) from {scan('files')} where status in ('failed', 'skipped') "
-        f"group by source_uri, status order by 1"
-    ).fetchall():
-        problems.add_row(uri.rsplit("/", 1)[-1], models, status, why)
-    console.print(problems)
-
-    verdicts = con.execute(
-        f"select verdict, count(*) from {scan('detection_summary')} group by all order by 1"
-    ).fetchall()
-    utterances = con.execute(f"select count(*) from {scan('utterances')}").fetchone()
-    redactions = con.execute(
-        f"select count(*), sum(redaction_count) from {scan('redactions')}"
-    ).fetchone()
-    console.print(
-        f"Utterances: {utterances[0] if utterances else 0}.  "
-        f"Synthetic-voice verdicts: {dict(verdicts)}.  "
-        f"Redacted files: {redactions[0] if redactions else 0} "
-        f"({redactions[1] if redactions else 0} ranges), MP3s under s3://{BUCKET}/redacted/."
+    print_summary(
+        OutputLocation(root=str(parquet)), console, redacted_audio=f"s3://{BUCKET}/redacted/"
     )
-    limits = Table(title="The org's limit, as the emulator saw it")
-    for column in ("model", "limit", "max in flight", "requests", "rejections"):
-        limits.add_column(column)
-    for model, s in sorted(stats["orgs"][ORG].items()):
-        if s["requests"]:
-            limits.add_row(
-                model, str(CONCURRENT), str(s["max_in_flight"]), str(s["requests"]),
-                str({k: v for k, v in s["rejections"].items() if v}),
-            )
-    console.print(limits)
-    console.print(f"\n[bold]Parquet[/]: {parquet}/<table>/model=<model>/date=<YYYY-MM-DD>/")
-    console.print(
-        "Query it with DuckDB (uv run python, then import duckdb):\n"
-        f"  duckdb.sql(\"select model, verdict, count(*) from read_parquet("
-        f"'{parquet}/detection_summary/**/*.parquet', hive_partitioning=true) group by all\")"
+    rows = [
+        (
+            model, str(CONCURRENT), str(s["max_in_flight"]), str(s["requests"]),
+            str({k: v for k, v in s["rejections"].items() if v}),
+        )
+        for model, s in sorted(stats["orgs"][ORG].items())
+        if s["requests"]
+    ]
+    print_rows(
+        console,
+        "The org's limit, as the emulator saw it",
+        ("model", "limit", "max in flight", "requests", "rejections"),
+        rows,
+        numeric=("limit", "max in flight", "requests"),
+        wide=("rejections",),
     )

@@ -10,12 +10,15 @@ import asyncio
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.markup import escape
+
+from modulate_flows.console import make_console
+from modulate_flows.prefect_api import connect_or_exit
 
 __all__ = ["platform_app"]
 
 platform_app = typer.Typer(help="The Modulate Platform API.", no_args_is_help=True)
-console = Console()
+console = make_console()
 
 
 @platform_app.command("realtime")
@@ -29,8 +32,10 @@ def realtime(
     behavioural_insights: Annotated[bool, typer.Option(help="Behavioural insights.")] = False,
 ) -> None:
     """Create a realtime Platform job and print its job id and (redacted) realtime URL."""
+    connect_or_exit(console)
     # Imported here, after the environment is set: Prefect reads its settings at import.
     from blocks import PlatformCredentials
+    from blocks.loading import BlockNotLoaded, load_block
     from modulate import PlatformFlags, redact_url
     from tasks.platform import create_realtime_session
 
@@ -42,11 +47,15 @@ def realtime(
     )
 
     async def create() -> tuple[str, str]:
-        credentials = await PlatformCredentials.aload(block)
+        credentials = await load_block(PlatformCredentials, block)
         async with credentials.platform_client() as client:
             session = await create_realtime_session(client, flags)
         return session.job_id, session.realtime_url
 
-    job_id, url = asyncio.run(create())
+    try:
+        job_id, url = asyncio.run(create())
+    except BlockNotLoaded as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"job_id: {job_id}")
     console.print(f"realtime_url: {redact_url(url)}", soft_wrap=True)

@@ -32,6 +32,7 @@ from prefect_aws import S3Bucket
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks import ModulateCredentials, OrgLimits, ParquetOutput
+from blocks.loading import load_blocks
 from modulate import AuthError, ModelGate, ModelNotEnabled, RetryPolicy
 from tasks import output
 from tasks.batch import (
@@ -106,11 +107,11 @@ async def run_batch(
     """
     logger = get_run_logger()
     # Four independent server round trips: at once, they cost one of them at start-up.
-    bucket, credentials, limits, parquet = await asyncio.gather(
-        S3Bucket.aload(source.bucket_block),
-        ModulateCredentials.aload(settings.credentials_block),
-        OrgLimits.aload(settings.limits_block),
-        ParquetOutput.aload(settings.output_block),
+    bucket, credentials, limits, parquet = await load_blocks(
+        (S3Bucket, source.bucket_block),
+        (ModulateCredentials, settings.credentials_block),
+        (OrgLimits, settings.limits_block),
+        (ParquetOutput, settings.output_block),
     )
     s3_client = bucket.credentials.get_s3_client()
     location = parquet.location()
