@@ -18,7 +18,7 @@ from typing import Any
 from prefect.testing.utilities import prefect_test_harness
 from rich.console import Console
 
-from bench import contenders, report
+from bench import contenders, mixed, report
 from bench.services import BenchServices, bench_files, start_services, upload
 
 __all__ = ["DEFAULT_FILES", "QUICK", "run_bench"]
@@ -44,29 +44,45 @@ def run_bench(
     console: Console | None = None,
     only: frozenset[str] = frozenset(ORGS),
     profile: Path | None = None,
+    mixed_files: int = mixed.MIXED_FILES,
 ) -> dict[str, Any]:
     """Start the services and a Prefect test server, run the contenders, write the JSON.
 
-    `only` picks contenders (to iterate on one; the targets need all four); `profile`
-    cProfiles our flow's runs into `<profile>-<contender>.prof`.
+    `only` picks contenders and the "mixed" mode (to iterate on one; the targets need all
+    four contenders); `profile` cProfiles our flow's runs into `<profile>-<contender>.prof`.
     """
     console = console or Console(width=150)
     # boto3 keeps 10 connections per client; the baselines read with more threads than that.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     naive_files = min(naive_files, files)
     small = min(SMALL_FILES, max(1, files // 5))
-    with start_services(ORGS, CONCURRENT) as services:
-        console.print(f"Uploading {files} files to moto ({services.local.s3_endpoint})")
-        upload(services, BUCKET, bench_files(files, PREFIX))
+    mixed_run: dict[str, Any] | None = None
+    with start_services(ORGS + mixed.MIXED_ORGS, CONCURRENT) as services:
+        if only & set(ORGS):
+            console.print(f"Uploading {files} files to moto ({services.local.s3_endpoint})")
+            upload(services, BUCKET, bench_files(files, PREFIX))
         services.set_latency(LATENCY_S)
         console.print("Starting a Prefect test server")
         with prefect_test_harness(server_startup_timeout=120):
             runs = asyncio.run(_run_all(
                 services, files, small, naive_files, chunk_size, console, only, profile
             ))
+            if "mixed" in only:
+                with tempfile.TemporaryDirectory(prefix="modulate-bench-mixed-") as out:
+                    mixed_run = asyncio.run(mixed.run_mixed(
+                        services, bucket=BUCKET, files=mixed_files, concurrent=CONCURRENT,
+                        output_root=out, console=console,
+                    ))
     results = _results(runs, files, small, naive_files, chunk_size)
+    if mixed_run is not None:
+        results["mixed"] = mixed_run
+        results["targets"] += mixed.targets(mixed_run)
     report.write_json(results, output)
-    report.print_report(results, console)
+    if runs:
+        report.print_runs(results, console)
+    if mixed_run is not None:
+        mixed.print_mixed(mixed_run, console)
+    report.print_targets(results["targets"], console)
     console.print(f"JSON: {output}")
     return results
 

@@ -62,10 +62,11 @@ class BenchServices:
     def reset_stats(self) -> None:
         httpx.post(f"{self.emulator_url}/_emulator/stats/reset", timeout=30).raise_for_status()
 
-    def set_latency(self, seconds: float) -> None:
+    def set_latency(self, seconds: float, *, per_audio_s: float = 0.0) -> None:
+        """Every call holds its slot `seconds`, plus `per_audio_s` per second of its audio."""
         httpx.patch(
             f"{self.emulator_url}/_emulator/config",
-            json={"latency": {"mean_s": seconds, "jitter_s": 0.0}},
+            json={"latency": {"mean_s": seconds, "jitter_s": 0.0, "per_audio_s": per_audio_s}},
             timeout=30,
         ).raise_for_status()
 
@@ -84,8 +85,13 @@ def bench_files(n: int, prefix: str = "bench/") -> Iterator[tuple[str, bytes]]:
 
 @contextlib.contextmanager
 def start_services(orgs: list[str], concurrent: int) -> Iterator[BenchServices]:
-    """Start the emulator (orgs with `concurrent` stt slots, key "key-<org>") and moto."""
+    """Start the emulator (orgs with `concurrent` stt slots, key "key-<org>") and moto.
+
+    The emulator trusts each WAV header's duration (bench/mixed.py sends sparse WAVs; the
+    other files are whole, so for them it changes nothing).
+    """
     config = EmulatorConfig(
+        wav_duration_from_header=True,
         orgs=[
             OrgConfig(
                 name=org,
