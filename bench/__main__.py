@@ -9,7 +9,11 @@ from pathlib import Path
 
 # Mirrors bench.run.ORGS, which cannot be imported before configure_environment().
 CONTENDERS = ("ours-small", "ours", "plain", "naive")
-MODES = ("mixed",)
+MODES = ("mixed", "shared", "workers")
+# "workers" starts PostgreSQL (installing it if missing) and two Prefect servers: only
+# when asked for (`--only workers`), never in the default run or CI's quick one.
+DEFAULT = (*CONTENDERS, "mixed", "shared")
+QUICK_DEFAULT = (*CONTENDERS, "mixed")
 
 __all__ = ["configure_environment", "main"]
 
@@ -49,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     naive = args.naive_files or (QUICK["naive_files"] if args.quick else DEFAULT_NAIVE_FILES)
     mixed = args.mixed_files or (QUICK_MIXED_FILES if args.quick else MIXED_FILES)
     run_bench(files=files, naive_files=naive, chunk_size=args.chunk_size,
-              output=args.output or RESULTS, only=frozenset(args.only or CONTENDERS + MODES),
-              profile=args.profile, mixed_files=mixed)
+              output=args.output or RESULTS,
+              only=frozenset(args.only or (QUICK_DEFAULT if args.quick else DEFAULT)),
+              profile=args.profile, mixed_files=mixed, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import contenders
-from bench.services import BenchServices, upload
+from bench.services import BenchServices, InFlight, sample_in_flight, upload
 from emulator.audio import declared_wav
 from modulate_flows.samples import speech_wav
 
@@ -96,12 +96,14 @@ async def run_mixed(
     )
     console.print(f"mixed: ours on {files} calls of mixed length (bound {bound:.1f} s)")
     services.reset_stats()
-    with contenders.measure(services) as ours:
+    with (sample_in_flight(services.emulator_url, [ours_org]) as ours_seen,
+          contenders.measure(services) as ours):
         summary = await contenders.run_ours(org=ours_org, prefix=PREFIX, files=files)
     ours_stats = services.stats(ours_org)
     console.print(f"mixed: plain script on the same {files} calls, listing order")
     services.reset_stats()
-    with contenders.measure(services) as plain:
+    with (sample_in_flight(services.emulator_url, [plain_org]) as plain_seen,
+          contenders.measure(services) as plain):
         plain_done = await contenders.run_plain(
             services, org=plain_org, bucket=bucket, keys=keys, concurrent=concurrent
         )
@@ -116,17 +118,28 @@ async def run_mixed(
         "sum_latency_s": round(sum(latency), 2),
         "longest_latency_s": round(max(latency), 2),
         "lower_bound_s": round(bound, 2),
-        "ours": _side(ours, summary.files.get("completed", 0), ours_stats, bound, files),
-        "plain": _side(plain, plain_done, plain_stats, bound, files),
+        "ours": _side(
+            ours, summary.files.get("completed", 0), ours_stats, bound, files, ours_seen,
+            ours_org, concurrent,
+        ),
+        "plain": _side(
+            plain, plain_done, plain_stats, bound, files, plain_seen, plain_org, concurrent
+        ),
         "ours_vs_plain": round(plain.seconds / max(ours.seconds, 1e-9), 3),
     }
 
 
 def _side(
     measured: contenders.Measured, completed: int, stats: dict[str, Any], bound: float,
-    files: int,
+    files: int, seen: InFlight, org: str, concurrent: int,
 ) -> dict[str, Any]:
+    first, last = seen.first(org) or 0.0, seen.last(org) or 0.0
     return {
+        # Where the time over the bound goes: before the first call, slots idle between
+        # the first and the last call, after the last one (Parquet compaction, the end).
+        "first_call_s": round(first, 2),
+        "last_call_s": round(last, 2),
+        "busy_first_to_last": round(seen.mean_total(first, last) / concurrent, 3),
         "completed": completed,
         "seconds": round(measured.seconds, 2),
         "of_bound": round(measured.seconds / bound, 3),
@@ -154,14 +167,17 @@ def print_mixed(mixed: dict[str, Any], console: Console) -> None:
         f"max({mixed['sum_latency_s']:.0f} s / C, {mixed['longest_latency_s']:.1f} s) = "
         f"{mixed['lower_bound_s']:.1f} s"
     )
-    for column in ("contender", "completed", "wall s", "of bound", "max in flight",
-                   "rejections", "CPU ms/file"):
+    for column in ("contender", "completed", "wall s", "of bound", "first call s",
+                   "last call s", "busy first-last", "max in flight", "rejections",
+                   "CPU ms/file"):
         table.add_column(column, justify="left" if column in ("contender", "rejections")
                          else "right")
     for name in ("ours", "plain"):
         side = mixed[name]
         rejections = ", ".join(f"{k} {v}" for k, v in side["rejections"].items()) or "none"
         table.add_row(name, str(side["completed"]), f"{side['seconds']:.1f}",
-                      f"{side['of_bound']:.3f}", str(side["max_in_flight"]), rejections,
+                      f"{side['of_bound']:.3f}", f"{side['first_call_s']:.1f}",
+                      f"{side['last_call_s']:.1f}", f"{side['busy_first_to_last']:.3f}",
+                      str(side["max_in_flight"]), rejections,
                       f"{side['cpu_ms_per_file']:.2f}")
     console.print(table)
