@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 MIXED_FILES = 1000
-QUICK_MIXED_FILES = 60
+QUICK_MIXED_FILES = 40
 MEDIAN_S = 180.0
 SIGMA = 1.0  # lognormal: a quarter of the calls under 1.5 min, one in twenty over 15 min
 MIN_S = 15.0

@@ -105,7 +105,7 @@ def _in_harness(
             upload(services, BUCKET, bench_files(files, PREFIX))
         services.set_latency(LATENCY_S)
         console.print("Starting a Prefect test server")
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_test_harness(server_startup_timeout=300):
             runs = asyncio.run(_run_all(
                 services, files, small, naive_files, chunk_size, console, only, profile
             ))
