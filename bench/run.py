@@ -70,9 +70,7 @@ def run_bench(
         results["mixed"] = mixed_run
         results["targets"] += mixed.targets(mixed_run)
     if "shared" in only:
-        results["shared"] = shared.run_shared(
-            concurrent=CONCURRENT, latency_s=LATENCY_S, console=console, quick=quick
-        )
+        results["shared"] = shared.run_shared(concurrent=CONCURRENT, console=console, quick=quick)
         results["targets"] += shared.targets(results["shared"])
     if "workers" in only:
         results["workers"] = workers.run_workers(
