@@ -22,6 +22,7 @@ from uuid import UUID
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 from prefect.client.schemas.objects import FlowRun
+from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from bench.services import BenchServices
@@ -130,7 +131,12 @@ def running_fleet(
         try:
             with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
                 deployment_id = asyncio.run(_wait_ready(workers))
-                yield Fleet(env=env, deployment_id=deployment_id, home=home)
+                try:
+                    yield Fleet(env=env, deployment_id=deployment_id, home=home)
+                finally:
+                    # This process's events (block loads) go to the server before it stops,
+                    # as prefect_test_harness does, not into connection errors after.
+                    EventsWorker.drain_all()
         finally:
             for process in started:
                 stop(process)
