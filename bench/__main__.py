@@ -8,7 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Mirrors bench.run.ORGS, which cannot be imported before configure_environment().
-ORDER = ("ours-small", "ours", "plain", "naive")
+CONTENDERS = ("ours-small", "ours", "plain", "naive")
+MODES = ("mixed", "shared", "workers")
+# "workers" starts PostgreSQL (installing it if missing) and two Prefect servers: only
+# when asked for (`--only workers`), never in the default run or CI's quick one.
+DEFAULT = (*CONTENDERS, "mixed", "shared")
+QUICK_DEFAULT = (*CONTENDERS, "mixed")
 
 __all__ = ["configure_environment", "main"]
 
@@ -28,9 +33,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="200 files, baseline b on 50")
     parser.add_argument("--chunk-size", type=int, default=None, help="our flow's chunk_size")
     parser.add_argument("--output", type=Path, default=None, help="JSON path")
+    parser.add_argument("--mixed-files", type=int, default=None,
+                        help="calls in the mixed-length mode (default 1000)")
     parser.add_argument(
-        "--only", action="append", choices=ORDER, default=None,
-        help="run only this contender (repeatable; targets need all four)",
+        "--only", action="append", choices=CONTENDERS + MODES, default=None,
+        help="run only this contender or mode (repeatable; the contenders' targets need "
+        "all four)",
     )
     parser.add_argument(
         "--profile", type=Path, default=None,
@@ -38,13 +46,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     configure_environment()
+    from bench.mixed import MIXED_FILES, QUICK_MIXED_FILES
     from bench.run import DEFAULT_FILES, DEFAULT_NAIVE_FILES, QUICK, RESULTS, run_bench
 
     files = args.files or (QUICK["files"] if args.quick else DEFAULT_FILES)
     naive = args.naive_files or (QUICK["naive_files"] if args.quick else DEFAULT_NAIVE_FILES)
+    mixed = args.mixed_files or (QUICK_MIXED_FILES if args.quick else MIXED_FILES)
     run_bench(files=files, naive_files=naive, chunk_size=args.chunk_size,
-              output=args.output or RESULTS, only=frozenset(args.only or ORDER),
-              profile=args.profile)
+              output=args.output or RESULTS,
+              only=frozenset(args.only or (QUICK_DEFAULT if args.quick else DEFAULT)),
+              profile=args.profile, mixed_files=mixed, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 from prefect.testing.utilities import prefect_test_harness
 from rich.console import Console
 
-from bench import contenders, report
+from bench import contenders, mixed, report, shared, workers
 from bench.services import BenchServices, bench_files, start_services, upload
 
 __all__ = ["DEFAULT_FILES", "QUICK", "run_bench"]
@@ -44,31 +44,76 @@ def run_bench(
     console: Console | None = None,
     only: frozenset[str] = frozenset(ORGS),
     profile: Path | None = None,
+    mixed_files: int = mixed.MIXED_FILES,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """Start the services and a Prefect test server, run the contenders, write the JSON.
+    """Run the contenders and modes in `only`, write the JSON, print the tables.
 
-    `only` picks contenders (to iterate on one; the targets need all four); `profile`
-    cProfiles our flow's runs into `<profile>-<contender>.prof`.
+    Contenders and the "mixed" mode share one set of services and a Prefect test server;
+    "shared" and "workers" start servers and workers of their own. `only` picks (to iterate
+    on one; the contenders' targets need all four); `profile` cProfiles our flow's runs
+    into `<profile>-<contender>.prof`; `quick` shrinks "shared" and "workers" too.
     """
     console = console or Console(width=150)
     # boto3 keeps 10 connections per client; the baselines read with more threads than that.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     naive_files = min(naive_files, files)
     small = min(SMALL_FILES, max(1, files // 5))
-    with start_services(ORGS, CONCURRENT) as services:
-        console.print(f"Uploading {files} files to moto ({services.local.s3_endpoint})")
-        upload(services, BUCKET, bench_files(files, PREFIX))
+    runs: dict[str, dict[str, Any]] = {}
+    mixed_run: dict[str, Any] | None = None
+    if only & {*ORGS, "mixed"}:
+        runs, mixed_run = _in_harness(
+            files, small, naive_files, chunk_size, console, only, profile, mixed_files
+        )
+    results = _results(runs, files, small, naive_files, chunk_size)
+    if mixed_run is not None:
+        results["mixed"] = mixed_run
+        results["targets"] += mixed.targets(mixed_run)
+    if "shared" in only:
+        results["shared"] = shared.run_shared(concurrent=CONCURRENT, console=console, quick=quick)
+        results["targets"] += shared.targets(results["shared"])
+    if "workers" in only:
+        results["workers"] = workers.run_workers(
+            concurrent=CONCURRENT, latency_s=LATENCY_S, console=console, quick=quick
+        )
+        results["targets"] += workers.targets(results["workers"])
+    report.write_json(results, output)
+    if runs:
+        report.print_runs(results, console)
+    if mixed_run is not None:
+        mixed.print_mixed(mixed_run, console)
+    if "shared" in results:
+        shared.print_shared(results["shared"], console)
+    if "workers" in results:
+        workers.print_workers(results["workers"], console)
+    report.print_targets(results["targets"], console)
+    console.print(f"JSON: {output}")
+    return results
+
+
+def _in_harness(
+    files: int, small: int, naive_files: int, chunk_size: int | None, console: Console,
+    only: frozenset[str], profile: Path | None, mixed_files: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The contenders and the mixed mode: one emulator, one moto, one Prefect test server."""
+    mixed_run: dict[str, Any] | None = None
+    with start_services(ORGS + mixed.MIXED_ORGS, CONCURRENT) as services:
+        if only & set(ORGS):
+            console.print(f"Uploading {files} files to moto ({services.local.s3_endpoint})")
+            upload(services, BUCKET, bench_files(files, PREFIX))
         services.set_latency(LATENCY_S)
         console.print("Starting a Prefect test server")
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_test_harness(server_startup_timeout=300):
             runs = asyncio.run(_run_all(
                 services, files, small, naive_files, chunk_size, console, only, profile
             ))
-    results = _results(runs, files, small, naive_files, chunk_size)
-    report.write_json(results, output)
-    report.print_report(results, console)
-    console.print(f"JSON: {output}")
-    return results
+            if "mixed" in only:
+                with tempfile.TemporaryDirectory(prefix="modulate-bench-mixed-") as out:
+                    mixed_run = asyncio.run(mixed.run_mixed(
+                        services, bucket=BUCKET, files=mixed_files, concurrent=CONCURRENT,
+                        output_root=out, console=console,
+                    ))
+    return runs, mixed_run
 
 
 async def _run_all(

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +28,15 @@ from emulator import EmulatorConfig, ModelLimits, OrgConfig
 from modulate_flows.local import LocalServices
 from modulate_flows.samples import speech_wav
 
-__all__ = ["BenchServices", "bench_files", "start_services", "upload"]
+__all__ = [
+    "BenchServices", "InFlight", "bench_files", "sample_in_flight", "start_services", "upload",
+]
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
 UPLOAD_THREADS = 16
+SAMPLE_S = 0.05
+MODELS = ("stt", "vfast")  # the flow's model, and the one the deployed runs use (bench/fleet.py)
 BASE_WAVS = 16  # distinct one-second sounds; every file then differs by its last samples
 
 
@@ -59,15 +64,82 @@ class BenchServices:
         stats: dict[str, Any] = response.json()["orgs"][org][model]
         return stats
 
+    def stats_all(self, orgs: list[str], model: str = "stt") -> dict[str, dict[str, Any]]:
+        response = httpx.get(f"{self.emulator_url}/_emulator/stats", timeout=30)
+        response.raise_for_status()
+        found = response.json()["orgs"]
+        return {org: found[org][model] for org in orgs}
+
     def reset_stats(self) -> None:
         httpx.post(f"{self.emulator_url}/_emulator/stats/reset", timeout=30).raise_for_status()
 
-    def set_latency(self, seconds: float) -> None:
+    def set_latency(self, seconds: float, *, per_audio_s: float = 0.0) -> None:
+        """Every call holds its slot `seconds`, plus `per_audio_s` per second of its audio."""
         httpx.patch(
             f"{self.emulator_url}/_emulator/config",
-            json={"latency": {"mean_s": seconds, "jitter_s": 0.0}},
+            json={"latency": {"mean_s": seconds, "jitter_s": 0.0, "per_audio_s": per_audio_s}},
             timeout=30,
         ).raise_for_status()
+
+
+@dataclass
+class InFlight:
+    """The emulator's calls in flight per org, sampled: (seconds since the start, counts)."""
+
+    samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    wall_start: float = field(default_factory=time.time)  # the start, on the wall clock
+
+    def latest(self, org: str) -> int:
+        return self.samples[-1][1].get(org, 0) if self.samples else 0
+
+    def first(self, org: str, at_least: int = 1, after: float = 0.0) -> float | None:
+        """When `org` first had `at_least` calls in flight (at or after `after`), if ever."""
+        return next(
+            (t for t, seen in self.samples if t >= after and seen.get(org, 0) >= at_least), None
+        )
+
+    def last(self, org: str) -> float | None:
+        """The last sample with a call of `org` in flight."""
+        return next((t for t, seen in reversed(self.samples) if seen.get(org, 0)), None)
+
+    def mean_total(self, start: float, end: float) -> float:
+        """Mean of all orgs' calls in flight together over the samples in [start, end]."""
+        window = [sum(seen.values()) for t, seen in self.samples if start <= t <= end]
+        return sum(window) / len(window) if window else 0.0
+
+    def max_total(self) -> int:
+        return max((sum(seen.values()) for _, seen in self.samples), default=0)
+
+
+@contextlib.contextmanager
+def sample_in_flight(
+    emulator_url: str, orgs: list[str], model: str = "stt"
+) -> Iterator[InFlight]:
+    """Poll the emulator's in-flight counts of `orgs` every 50 ms in a thread meanwhile.
+
+    A sample is one snapshot of the emulator's event loop, so the orgs' counts in it are
+    simultaneous; between samples a brief peak can go unseen (the emulator's own
+    `max_in_flight` per org catches those).
+    """
+    stop = threading.Event()
+    started = time.monotonic()
+    seen = InFlight()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                orgs_stats = client.get(f"{emulator_url}/_emulator/stats").json()["orgs"]
+                counts = {org: orgs_stats[org][model]["in_flight"] for org in orgs}
+                seen.samples.append((time.monotonic() - started, counts))
+                stop.wait(SAMPLE_S)
+
+    sampler = threading.Thread(target=poll, name="bench-in-flight", daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join(timeout=30)
 
 
 def bench_files(n: int, prefix: str = "bench/") -> Iterator[tuple[str, bytes]]:
@@ -84,13 +156,22 @@ def bench_files(n: int, prefix: str = "bench/") -> Iterator[tuple[str, bytes]]:
 
 @contextlib.contextmanager
 def start_services(orgs: list[str], concurrent: int) -> Iterator[BenchServices]:
-    """Start the emulator (orgs with `concurrent` stt slots, key "key-<org>") and moto."""
+    """Start the emulator (orgs with `concurrent` slots of each model in MODELS, key
+    "key-<org>") and moto.
+
+    The emulator trusts each WAV header's duration (bench/mixed.py sends sparse WAVs; the
+    other files are whole, so for them it changes nothing).
+    """
     config = EmulatorConfig(
+        wav_duration_from_header=True,
         orgs=[
             OrgConfig(
                 name=org,
                 velma_keys=[f"key-{org}"],
-                models={"stt": ModelLimits(concurrent=concurrent, monthly_audio_hours=1e6)},
+                models={
+                    model: ModelLimits(concurrent=concurrent, monthly_audio_hours=1e6)
+                    for model in MODELS
+                },
             )
             for org in orgs
         ]

@@ -26,6 +26,7 @@ __all__ = [
     "AudioStream",
     "Block",
     "CorruptAudio",
+    "declared_wav",
     "looks_like_text",
     "make_wav",
     "matches_container",
@@ -102,7 +103,9 @@ class AudioStream:
 
     container: "wav" (a valid RIFF/WAVE header is required), "auto" (RIFF detected as WAV,
     anything else estimated as compressed), "raw" (give `bytes_per_second` and `block_align`)
-    or "compressed" (estimated at COMPRESSED_BYTES_PER_SECOND).
+    or "compressed" (estimated at COMPRESSED_BYTES_PER_SECOND). With `duration_from_header`,
+    a WAV lasts at least what its data chunk's size declares (a short "sparse" body counts
+    as the long call its header describes).
     """
 
     def __init__(
@@ -112,8 +115,11 @@ class AudioStream:
         container: ContainerKind = "auto",
         bytes_per_second: float | None = None,
         block_align: int = 1,
+        duration_from_header: bool = False,
     ) -> None:
         self.block_s = block_s
+        self._duration_from_header = duration_from_header
+        self._declared_bytes = 0
         self.container: ContainerKind = container
         self.audio_bytes = 0
         self._pending = bytearray()  # header bytes not yet parsed
@@ -133,11 +139,11 @@ class AudioStream:
     # --- public -------------------------------------------------------------------------
     @property
     def duration_ms(self) -> int:
-        return int(self.audio_bytes * 1000 / self._bps)
+        return int(max(self.audio_bytes, self._declared_bytes) * 1000 / self._bps)
 
     @property
     def duration_s(self) -> float:
-        return self.audio_bytes / self._bps
+        return max(self.audio_bytes, self._declared_bytes) / self._bps
 
     @property
     def bytes_per_second(self) -> float:
@@ -214,6 +220,8 @@ class AudioStream:
                 self._in_audio = True
                 # Streaming writers put 0 or 0xFFFFFFFF here: then read to the end.
                 self._data_left = None if size in (0, 0xFFFFFFFF) else size
+                if self._duration_from_header and self._data_left is not None:
+                    self._declared_bytes = size
                 return rest
             if len(buf) < pos + 8 + size:
                 break
@@ -298,3 +306,18 @@ def make_wav(seconds: float, seed: int, *, sample_rate: int = 16_000) -> bytes:
         out.setframerate(sample_rate)
         out.writeframes(samples.tobytes())
     return buf.getvalue()
+
+
+def declared_wav(seconds: float, body: bytes, *, sample_rate: int = 16_000) -> bytes:
+    """A 16-bit mono WAV whose header declares `seconds` of audio but carries only `body`.
+
+    With `wav_duration_from_header` the emulator bills and times it as `seconds` long:
+    an hour-long call in a few KB (benchmarks of mixed-length audio).
+    """
+    data_bytes = 2 * int(seconds * sample_rate)
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, 1, sample_rate, 2 * sample_rate,
+        2, 16, b"data", data_bytes,
+    )
+    return header + body[:data_bytes]

@@ -115,7 +115,7 @@ async def serve_admitted(
     fault = state.draw_fault()
     completed, fault_cls = False, None
     try:
-        await asyncio.sleep(state.draw_latency())
+        await asyncio.sleep(state.draw_latency(audio_seconds))
         if fault == "5xx":
             fault_cls = "fault_5xx"
             status, detail = state.rng.choice(details.FIVE_XX[model])
@@ -176,7 +176,7 @@ async def _handle(request: Request, model: str) -> Response:
         upload = form.get("upload_file")
         if not isinstance(upload, UploadFile):
             raise RejectedRequest(422, details.missing_field("upload_file"))
-        stream, blocks = await _analyze(upload, model)
+        stream, blocks = await _analyze(upload, model, state.config.wav_duration_from_header)
     except RejectedRequest as rej:
         state.reject(org_name, model, rej.cls)
         return error_response(rej.status, rej.detail, rej.headers)
@@ -254,7 +254,9 @@ def _form_int(form: FormData, name: str, default: int) -> int:
     return number
 
 
-async def _analyze(upload: UploadFile, model: str) -> tuple[AudioStream, list[Block]]:
+async def _analyze(
+    upload: UploadFile, model: str, duration_from_header: bool = False
+) -> tuple[AudioStream, list[Block]]:
     """Check extension, size and decodability; run the file through an AudioStream."""
     allowed = details.SVD_EXTENSIONS if model == "svd" else details.SUPPORTED_EXTENSIONS
     ext = PurePosixPath(upload.filename or "").suffix.lower()
@@ -270,7 +272,10 @@ async def _analyze(upload: UploadFile, model: str) -> tuple[AudioStream, list[Bl
         raise RejectedRequest(413, details.TOO_LARGE)
     await upload.seek(0)
     block_s = SVD_BATCH_WINDOW_S if model == "svd" else UTTERANCE_BLOCK_S
-    stream = AudioStream(block_s=block_s, container="wav" if ext == ".wav" else "auto")
+    stream = AudioStream(
+        block_s=block_s, container="wav" if ext == ".wav" else "auto",
+        duration_from_header=duration_from_header,
+    )
     blocks: list[Block] = []
     first = True
     try:

@@ -81,10 +81,14 @@ class OrgConfig(BaseModel):
 
 
 class Latency(BaseModel):
-    """Each accepted batch call holds its slot for max(0, mean_s + U(-jitter_s, jitter_s))."""
+    """Each accepted batch call holds its slot for
+    max(0, mean_s + U(-jitter_s, jitter_s)) + per_audio_s * its audio's seconds."""
 
     mean_s: float = Field(default=0.0, ge=0)
     jitter_s: float = Field(default=0.0, ge=0)
+    per_audio_s: float = Field(
+        default=0.0, ge=0, description="Seconds of latency added per second of audio."
+    )
 
 
 class Faults(BaseModel):
@@ -104,6 +108,11 @@ class EmulatorConfig(BaseModel):
     faults: Faults = Field(default_factory=Faults)
     detail_family: DetailFamily = "2026"
     platform_job_seconds: float = Field(default=DEFAULT_PLATFORM_JOB_SECONDS, ge=0)
+    wav_duration_from_header: bool = Field(
+        default=False,
+        description="A batch WAV lasts what its data chunk's size declares, even when the "
+        "body is shorter: benchmarks send hour-long calls as files of a few KB.",
+    )
     seed: int = 0
 
     @classmethod

@@ -173,10 +173,12 @@ class EmulatorState:
             stats.rejections[fault] += 1
 
     # --- randomness ---------------------------------------------------------------------
-    def draw_latency(self) -> float:
-        """Seconds an accepted batch call holds its slot: max(0, mean ± uniform jitter)."""
+    def draw_latency(self, audio_seconds: float = 0.0) -> float:
+        """Seconds an accepted batch call holds its slot: max(0, mean ± uniform jitter),
+        plus `per_audio_s` for each second of its audio."""
         lat = self.config.latency
-        return max(0.0, lat.mean_s + self.rng.uniform(-lat.jitter_s, lat.jitter_s))
+        drawn = max(0.0, lat.mean_s + self.rng.uniform(-lat.jitter_s, lat.jitter_s))
+        return drawn + lat.per_audio_s * audio_seconds
 
     def draw_fault(self) -> FaultKind | None:
         """One seeded draw per accepted request: 5xx, then drop, then slow, else None."""

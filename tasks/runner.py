@@ -44,6 +44,7 @@ from tasks.batch import (
     process_chunk,
 )
 from tasks.jobs import BatchJob, config_hash
+from tasks.ordering import largest_first
 from tasks.s3 import AudioObject, S3Input, iter_audio
 from tasks.slots import SlotPool, SlotsLost
 from tasks.streaming import route_large_files
@@ -139,7 +140,8 @@ async def run_batch(
             location=location,
             flow_run_id=flow_run_id,
         )
-        todo = _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done)
+        listed = _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done)
+        todo = largest_first(listed)  # long calls first, bounded look-ahead: tasks/ordering.py
         stopped: BaseException | None = None
         s3_error: BaseException | None = None
         try:

@@ -47,7 +47,8 @@ def load_prefect_yaml() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def running_server(
-    home: Path, settings: Mapping[str, str] | None = None
+    home: Path, settings: Mapping[str, str] | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
 ) -> Iterator[dict[str, str]]:
     """Run `prefect server start` on a free port of 127.0.0.1 until the block ends.
 
@@ -78,7 +79,7 @@ def running_server(
         )
         try:
             env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-            _wait_healthy(env["PREFECT_API_URL"], process)
+            _wait_healthy(env["PREFECT_API_URL"], process, startup_timeout)
             yield env
         finally:
             stop(process)
@@ -123,8 +124,8 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
         process.wait(timeout=10)
 
 
-def _wait_healthy(api_url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def _wait_healthy(api_url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"prefect server exited with {process.returncode}")
@@ -134,4 +135,4 @@ def _wait_healthy(api_url: str, process: subprocess.Popen[bytes]) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.25)  # polling the health condition, not waiting a fixed time
-    raise TimeoutError(f"prefect server not healthy after {STARTUP_TIMEOUT_S:.0f} s")
+    raise TimeoutError(f"prefect server not healthy after {timeout:.0f} s")

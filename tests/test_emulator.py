@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from emulator import EmulatorConfig, RunningEmulator, make_wav, run_in_thread
+from emulator.audio import declared_wav
 
 KEY = "demo-velma-key"
 PLATFORM_HEADERS = {"accountuuid": "00000000-0000-4000-8000-000000000000",
@@ -251,6 +252,24 @@ async def test_monthly_limit_and_usage_reset(client: httpx.AsyncClient,
     assert emu.state.stats()["orgs"]["demo"]["stt"]["audio_seconds"] == 10.0
     await client.post("/_emulator/usage/reset")
     assert (await post(client, STT)).status_code == 200
+
+
+async def test_latency_per_audio_second_and_header_duration(
+    client: httpx.AsyncClient, emu: RunningEmulator
+) -> None:
+    """A sparse WAV counts as its real body until the emulator trusts headers; the latency
+    grows with the duration it counts."""
+    hour_in_4_kb = declared_wav(3600.0, PCM5[:4000])
+    emu.state.patch_config({"latency": {"per_audio_s": 0.3 / 3600}})
+    short = await post(client, VFAST, hour_in_4_kb)
+    assert short.json()["duration_ms"] == 125  # 4,000 bytes at 32,000 bytes/s
+    emu.state.config.wav_duration_from_header = True
+    start = time.monotonic()
+    long = await post(client, VFAST, hour_in_4_kb)
+    assert long.json()["duration_ms"] == 3_600_000
+    assert time.monotonic() - start >= 0.3
+    stats = emu.state.stats()["orgs"]["demo"]["vfast"]
+    assert stats["audio_seconds"] == pytest.approx(3600.125)
 
 
 # --- faults -------------------------------------------------------------------------------------

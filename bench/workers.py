@@ -1,0 +1,133 @@
+"""Many workers on a real database (issue 16): eight runs on four workers, one org's limit.
+
+The same fleet twice, first with the Prefect server on PostgreSQL (a temporary cluster,
+bench/postgres.py), then on SQLite: four process workers, eight flow runs created at
+once, every one with the same emulator key (so the emulator's `max_in_flight` is the org's,
+exact) and the same limits block (one Prefect limit of C). Measured per database: files/s
+from the first call to the last against C/L (target >= 0.9), the same from the first
+flow-run start to the last end, the emulator's max in flight (never over C) and the
+limit's active slots afterwards (zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench import postgres
+from bench.fleet import MODEL, Fleet, running_fleet
+from bench.services import BenchServices, bench_files, sample_in_flight, start_services, upload
+from tasks.slots import limit_name
+
+__all__ = ["print_workers", "run_workers", "targets"]
+
+ORGANIZATION = "fleet"
+WORKERS = 4
+RUNS = 8
+FILES_PER_RUN = 300
+QUICK_FILES_PER_RUN = 30
+BUCKET = "fleet-audio"
+PREFIX = "fleet/"
+RUNS_TIMEOUT_S = 900.0
+MIN_OF_LIMIT = 0.9
+DATABASES = ("postgresql", "sqlite")
+
+
+def run_workers(
+    *, concurrent: int, latency_s: float, console: Console, quick: bool = False
+) -> dict[str, Any]:
+    """Both databases in turn, on one emulator and one moto."""
+    files = QUICK_FILES_PER_RUN if quick else FILES_PER_RUN
+    results: dict[str, Any] = {
+        "concurrent": concurrent, "latency_s": latency_s, "workers": WORKERS, "runs": RUNS,
+        "files_per_run": files,
+    }
+    with start_services([ORGANIZATION], concurrent) as services:
+        upload(services, BUCKET, bench_files(files, PREFIX))
+        services.set_latency(latency_s)
+        for database in DATABASES:
+            console.print(f"workers: Prefect server on {database}, {WORKERS} workers, "
+                          f"{RUNS} runs of {files} files")
+            with contextlib.ExitStack() as stack:
+                home = Path(stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f"modulate-bench-{database}-")
+                ))
+                url = (stack.enter_context(postgres.temporary_cluster())
+                       if database == "postgresql" else None)
+                fleet = stack.enter_context(running_fleet(home, WORKERS, url))
+                results[database] = asyncio.run(
+                    _measure(fleet, services, files, concurrent, latency_s)
+                )
+    return results
+
+
+async def _measure(
+    fleet: Fleet, services: BenchServices, files: int, concurrent: int, latency_s: float
+) -> dict[str, Any]:
+    names = [f"{ORGANIZATION}-{i}" for i in range(RUNS)]
+    for name in names:
+        await fleet.save_run_blocks(
+            services, name=name, bucket=BUCKET, organization=ORGANIZATION,
+            concurrent=concurrent, api_key=f"key-{ORGANIZATION}",
+        )
+    services.reset_stats()
+    with sample_in_flight(services.emulator_url, [ORGANIZATION], MODEL) as seen:
+        ids = [await fleet.run(blocks=name, prefix=PREFIX, files=files) for name in names]
+        runs = await fleet.wait_final(ids, RUNS_TIMEOUT_S)
+    stats = services.stats(ORGANIZATION, MODEL)
+    limit = concurrent / latency_s
+    first, last = seen.first(ORGANIZATION) or 0.0, seen.last(ORGANIZATION) or 0.0
+    starts = [r.start_time.timestamp() for r in runs if r.start_time]
+    ends = [r.end_time.timestamp() for r in runs if r.end_time]
+    calls_s = max(last - first, 1e-9)
+    flows_s = max(max(ends, default=0.0) - min(starts, default=0.0), 1e-9)
+    return {
+        "states": sorted({r.state.name if r.state else "None" for r in runs}),
+        "completed": stats["completed"],
+        "calls_window_s": round(calls_s, 2),
+        "files_per_s": round(stats["completed"] / calls_s, 2),
+        "of_limit": round(stats["completed"] / calls_s / limit, 3),
+        "flows_window_s": round(flows_s, 2),
+        "of_limit_flows": round(stats["completed"] / flows_s / limit, 3),
+        "max_in_flight": stats["max_in_flight"],
+        "rejections": {k: v for k, v in stats["rejections"].items() if v},
+        "slots_held_after": await fleet.active_slots(limit_name(ORGANIZATION, MODEL)),
+    }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for database in DATABASES:
+        run, c = results[database], results["concurrent"]
+        rows += [
+            (f"workers on {database}: files/s of C/L (first to last call)", run["of_limit"],
+             f">= {MIN_OF_LIMIT}", run["of_limit"] >= MIN_OF_LIMIT),
+            (f"workers on {database}: max in flight", run["max_in_flight"], f"<= {c}",
+             run["max_in_flight"] <= c),
+            (f"workers on {database}: slots held afterwards", run["slots_held_after"], "0",
+             run["slots_held_after"] == 0),
+        ]
+    return [{"target": t, "value": v, "mark": m, "pass": bool(ok)} for t, v, m, ok in rows]
+
+
+def print_workers(results: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"{results['runs']} runs of {results['files_per_run']} files on "
+                  f"{results['workers']} process workers, one limit of C = "
+                  f"{results['concurrent']}, L = {results['latency_s']} s")
+    for column in ("database", "states", "completed", "files/s", "of C/L (calls)",
+                   "of C/L (flow runs)", "max in flight", "rejections", "slots held after"):
+        table.add_column(column)
+    for database in DATABASES:
+        run = results[database]
+        rejections = ", ".join(f"{k} {v}" for k, v in run["rejections"].items()) or "none"
+        table.add_row(database, ", ".join(run["states"]), str(run["completed"]),
+                      f"{run['files_per_s']:.2f}", f"{run['of_limit']:.3f}",
+                      f"{run['of_limit_flows']:.3f}", str(run["max_in_flight"]), rejections,
+                      str(run["slots_held_after"]))
+    console.print(table)
