@@ -6,7 +6,9 @@ in one of three states a user reads at a glance in the Prefect UI:
 * Completed: every file completed or skipped;
 * Completed named "Completed with failures": some files failed (the `files` table says why);
 * Completed named "Deferred": the monthly limit was reached; the unsent files are
-  `deferred_quota` and a rerun after the limit resets sends exactly them and the failed ones.
+  `deferred_quota` and a rerun after the limit resets sends exactly them and the failed ones;
+* Completed named "Deferred by budget": the files that would not fit the period's audio hours
+  (less the safety margin) are `deferred_budget`, sent by a rerun in the next period.
 
 A bad key or a model not enabled fails the run at once with the setting to fix.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -34,7 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from blocks import ModulateCredentials, OrgLimits, ParquetOutput
 from modulate import AuthError, ModelNotEnabled, QuotaBreaker, RetryPolicy
 from tasks import output
-from tasks.batch import DEFERRED, FAILED, RunContext, RunStopped, process_chunk
+from tasks.batch import DEFERRED, DEFERRED_BUDGET, FAILED, RunContext, RunStopped, process_chunk
+from tasks.budget import (
+    DEFAULT_FILE_ORDER,
+    DEFAULT_ORDER_WINDOW,
+    BudgetReport,
+    FileOrder,
+    open_budget,
+    order_files,
+)
 from tasks.jobs import BatchJob, config_hash
 from tasks.s3 import AudioObject, S3Input, iter_audio
 from tasks.slots import SlotPool
@@ -67,6 +78,22 @@ class RunSettings(BaseModel):
     chunk_size: int = Field(
         default=100, ge=1, le=1000, description="Files per Prefect task; calls inside run at once."
     )
+    file_order: FileOrder = Field(
+        default=DEFAULT_FILE_ORDER,
+        description="Which files get the month's audio hours first when they cannot cover the "
+        "backlog: oldest or newest S3 object first, smallest first (the most files), or "
+        "listing (S3 key order). Files are sent in this order until one does not fit.",
+    )
+    order_window: int = Field(
+        default=DEFAULT_ORDER_WINDOW, ge=1, le=100_000,
+        description="Files listed ahead and sorted by file_order; the order is exact within "
+        "each such window, and windows follow the S3 key order.",
+    )
+    budget_as_of: datetime | None = Field(
+        default=None,
+        description="Reckon the billing period and the run-out forecast as of this time "
+        "(UTC) instead of now; for what-if runs.",
+    )
 
 
 class RunSummary(BaseModel):
@@ -81,6 +108,7 @@ class RunSummary(BaseModel):
     max_in_flight: int
     output_root: str
     note: str | None = None
+    budget: BudgetReport | None = Field(default=None, description="The month's audio hours.")
 
 
 async def run_batch(
@@ -130,7 +158,13 @@ async def run_batch(
             location=location,
             flow_run_id=flow_run_id,
         )
-        todo = _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done)
+        budget = ctx.budget = await open_budget(
+            limits, job.model, location, now=settings.budget_as_of
+        )
+        todo = order_files(
+            _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done),
+            settings.file_order, settings.order_window,
+        )
         stopped: BaseException | None = None
         s3_error: BaseException | None = None
         try:
@@ -154,7 +188,8 @@ async def run_batch(
         audio_hours=round(ctx.audio_ms / 3_600_000, 4),
         max_in_flight=pool.max_in_use,
         output_root=location.root,
-        note=ctx.breaker.likely_cause if ctx.breaker.open else None,
+        note=ctx.breaker.likely_cause if ctx.breaker.open else budget.closed,
+        budget=budget.report(),
     )
     await acreate_table_artifact(
         table=[{"measure": k, "value": v} for k, v in _summary_lines(summary)],
@@ -162,8 +197,9 @@ async def run_batch(
         description=f"Modulate {job.model} run: files by status, calls, rejections, output.",
     )
     logger.info(
-        "%s run: %s; %d calls; rejections %s; output %s",
+        "%s run: %s; %d calls; rejections %s; output %s; %s",
         job.model, summary.files, summary.calls, summary.rejections, summary.output_root,
+        "; ".join(f"{k} {v}" for k, v in budget.report().lines()),
     )
     if stopped is not None:
         raise RuntimeError(_fix_message(stopped, settings)) from None
@@ -255,6 +291,8 @@ def _summary_lines(summary: RunSummary) -> list[tuple[str, Any]]:
         ("config hash", summary.config_hash),
         ("output", summary.output_root),
     ]
+    if summary.budget:
+        lines += summary.budget.lines()
     if summary.note:
         lines.append(("note", summary.note))
     return lines
@@ -267,6 +305,13 @@ def _final_state(summary: RunSummary) -> State:
             name="Deferred",
             message=f"Monthly limit reached ({summary.note}); {counts}. "
             "Rerun after the limit resets to send the deferred and failed files.",
+            data=summary,
+        )
+    if summary.files.get(DEFERRED_BUDGET):
+        return Completed(
+            name="Deferred by budget",
+            message=f"{summary.note}; {counts}. A rerun in the next billing period sends the "
+            "deferred and failed files.",
             data=summary,
         )
     if summary.files.get(FAILED):

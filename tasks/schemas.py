@@ -33,7 +33,7 @@ DESCRIPTION_KEY = b"description"
 # Hive partition columns, in path order. They close every schema because that is where
 # pyarrow, DuckDB and polars put partition columns when they read the dataset back.
 PARTITION_COLUMNS: tuple[str, str] = ("model", "date")
-FILE_STATUSES = frozenset({"completed", "failed", "deferred_quota", "skipped"})
+FILE_STATUSES = frozenset({"completed", "failed", "deferred_quota", "deferred_budget", "skipped"})
 
 FILE_ID_HEX_CHARS = 16
 CONFIG_HASH_HEX_CHARS = 12
@@ -88,6 +88,13 @@ def _schema(*fields: pa.Field, key: tuple[str, ...] = ("file_id", "config_hash")
     return pa.schema(head + body + tail)
 
 
+def _with_fields(schema: pa.Schema, *fields: pa.Field) -> pa.Schema:
+    """``schema`` with each field of the same name as one of ``fields`` replaced by it."""
+    for field in fields:
+        schema = schema.set(schema.get_field_index(field.name), field)
+    return schema
+
+
 TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "files": (
         _schema(
@@ -97,7 +104,7 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
             _field(
                 "status",
                 pa.string(),
-                "Outcome: completed, failed, deferred_quota or skipped.",
+                "Outcome: completed, failed, deferred_quota, deferred_budget or skipped.",
                 nullable=False,
             ),
             _field("error_class", pa.string(), "Error class name when the file did not complete."),
@@ -208,6 +215,28 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
             key=("job_id", "file_id"),
         ),
         ("job_id", "file_id"),
+    ),
+    "usage": (
+        _with_fields(
+            _schema(
+                _field("audio_duration_ms", pa.int64(), "Audio duration the call was charged, ms."),
+                _field("finished_at", _TIMESTAMP, "When the call finished (UTC)."),
+                _field("flow_run_id", pa.string(), "Prefect flow run that made the call."),
+            ),
+            _field(
+                "model",
+                pa.string(),
+                "Model whose monthly limit the call used (Hive partition).",
+                nullable=False,
+            ),
+            _field(
+                "date",
+                pa.string(),
+                "UTC date (YYYY-MM-DD) the call finished (Hive partition, unlike other tables).",
+                nullable=False,
+            ),
+        ),
+        ("file_id", "config_hash"),
     ),
 }
 
