@@ -17,6 +17,7 @@ from rich.console import Console
 from modulate_flows.bench_cli import bench
 from modulate_flows.blocks_cli import blocks_app
 from modulate_flows.platform_cli import platform_app
+from modulate_flows.usage_cli import usage
 
 __all__ = ["app"]
 
@@ -26,6 +27,7 @@ app.add_typer(limits_app, name="limits")
 app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
 app.command()(bench)
+app.command()(usage)
 console = Console()
 
 

@@ -244,7 +244,7 @@ async def _process_file(
                       f"accepted by {ctx.job.model}"), {}
     if ctx.breaker.open:
         return finish(DEFERRED, detail=ctx.breaker.likely_cause), {}
-    if ctx.budget is not None and (over := ctx.budget.refusal()):
+    if ctx.budget is not None and (over := ctx.budget.refusal(obj)):
         return finish(DEFERRED_BUDGET, detail=over), {}
     async with ctx.reads:  # from the read to the end of the call: see RunContext.reads
         audio: bytes | None = None  # a streaming job reads S3 in ranges itself as it sends
@@ -254,7 +254,7 @@ async def _process_file(
         except Exception as exc:  # noqa: BLE001 - any S3 failure fails this file, not the batch
             detail = f"could not read {obj.uri}: {type(exc).__name__}"
             return finish(FAILED, exc, detail=detail), {}
-        if ctx.budget is not None and (over := ctx.budget.reserve(obj, audio)):
+        if ctx.budget is not None and (over := await ctx.budget.reserve(obj, audio)):
             return finish(DEFERRED_BUDGET, detail=over), {}
 
         ctx.pool.add_demand(1)

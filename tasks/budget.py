@@ -13,6 +13,7 @@ pace of the last 7 days. `order_files` puts the backlog in the order the budget 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,9 @@ DEFAULT_ORDER_WINDOW = 1000
 WARNING_FRACTION = 0.8
 EVENT_WARNING = "modulate.budget.warning"  # the model's period use crossed 80% of its limit
 EVENT_EXHAUSTED = "modulate.budget.exhausted"  # crossed 100%, or a file was deferred for it
+# How long a file read early waits for the files offered before it to be read and decided;
+# past it, it is decided anyway (the order is then approximate, never a stall).
+ORDER_WAIT_SECONDS = 60.0
 USAGE_LISTING_THREADS = 8  # one listing per day partition; on S3 each is a round trip
 HOURS_DIGITS = 6  # 3.6 ms: a few seconds' budget still reads true
 
@@ -113,31 +117,55 @@ class BudgetGate:
         # Why the run stopped sending: files are offered in the run's order, and once one
         # does not fit the rest wait too (and are not read from S3 to find out).
         self.closed: str | None = None
+        # Files offered and not yet decided, in offer order: their size estimates, and the
+        # task processing each (one cancelled with its chunk never comes to decide).
+        self._line: dict[str, tuple[int, asyncio.Task[Any] | None]] = {}
+        self._decided = asyncio.Event()
 
-    def refusal(self) -> str | None:
-        """Why no more files are sent (checked before a file is read), or None."""
+    def refusal(self, obj: AudioObject) -> str | None:
+        """Before the file is read: why no more files are sent, or None (the file then
+        takes its place in line, and must come to `reserve` or `settle`)."""
         if self.closed is None and self.book.spendable_ms <= 0:
             self._close(f"{self._figures()}; nothing is left to spend")
+        if self.closed is None:
+            estimate = self.book.estimate_ms(obj.size, _extension(obj))
+            self._line[obj.file_id] = (estimate, asyncio.current_task())
         return self.closed
 
-    def reserve(self, obj: AudioObject, audio: bytes | None) -> str | None:
+    async def reserve(self, obj: AudioObject, audio: bytes | None) -> str | None:
         """Hold the file's estimated cost before its call; the reason with figures if it
-        does not fit (then it is not sent, and neither is any file after it)."""
-        if self.refusal():
-            return self.closed
+        does not fit (then it is not sent, and neither is any file after it).
+
+        Files read concurrently come here out of order; one waits for the files offered
+        before it unless what is left covers them too, so the budget goes in the run's order.
+        """
         extension = _extension(obj)
         from_header = wav_duration_ms(audio) if audio else None
         estimate = from_header or self.book.estimate_ms(obj.size, extension)
+        deadline = asyncio.get_running_loop().time() + ORDER_WAIT_SECONDS
+        while not self.closed and not self._may_decide(obj.file_id, estimate):
+            decided = self._decided
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                logger.warning(
+                    "file %s: files offered before it were not read in %.0f s; deciding now",
+                    obj.file_id, ORDER_WAIT_SECONDS,
+                )
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(decided.wait(), left)
+        self._leave_line(obj.file_id)
+        if self.closed:
+            return self.closed
         if self.book.reserve(obj.file_id, estimate):
             return None
         how = "from its WAV header" if from_header else f"from its size as .{extension or '?'}"
-        return self._close(
-            f"it needs ~{_hours(estimate)} h ({how}); {self._figures()}"
-        )
+        return self._close(f"it needs ~{_hours(estimate)} h ({how}); {self._figures()}")
 
     def settle(self, obj: AudioObject, status: str, duration_ms: int | None) -> None:
         """End the file's hold: a completed file is charged its real duration (its estimate
         when the service gave none); any other outcome is charged nothing."""
+        self._leave_line(obj.file_id)
         held = self.book.held_ms(obj.file_id)
         if held is None:
             return
@@ -168,12 +196,29 @@ class BudgetGate:
             daily_hours={day: _hours(ms) for day, ms in sorted(self._daily_before_ms.items())},
         )
 
+    def _may_decide(self, file_id: str, estimate_ms: int) -> bool:
+        """First in line, or what is left covers this file and every file before it."""
+        ahead = 0
+        for waiting, (size_estimate, task) in self._line.items():
+            if waiting == file_id:
+                break
+            if task is None or not task.done():
+                ahead += size_estimate
+        return ahead == 0 or self.book.spendable_ms - estimate_ms >= ahead
+
+    def _leave_line(self, file_id: str) -> None:
+        if self._line.pop(file_id, None) is not None:
+            self._decided.set()  # wake the files waiting behind it
+            self._decided = asyncio.Event()
+
     def _figures(self) -> str:
         book = self.book
+        in_flight = book.limit_ms - book.margin_ms - book.used_ms - book.spendable_ms
         return (
             f"{self.model} budget: {_hours(max(book.spendable_ms, 0))} h left to spend of "
             f"{_hours(book.limit_ms)} h for the period {self.period.start.date()} to "
             f"{self.period.end.date()} ({_hours(book.used_ms)} h used, "
+            f"{_hours(in_flight)} h held by calls in flight, "
             f"{_hours(book.margin_ms)} h kept as a {self.margin:.0%} margin)"
         )
 
@@ -223,9 +268,11 @@ async def open_budget(
         limits: The Org Limits block: the model's monthly hours, start day and margin.
         model: The billed model.
         location: The dataset root holding the usage table.
-        now: The time the period and the forecast are computed at; the current time if None.
+        now: The time the period and the forecast are computed at (naive is UTC); the
+            current time if None.
     """
-    now = (now or datetime.now(UTC)).astimezone(UTC)
+    now = now or datetime.now(UTC)
+    now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
     period = billing_period(now, limits.billing_period_start_day)
     pace_days = {now.date() - timedelta(days=n) for n in range(PACE_DAYS)}
     period_days = {day for day in period.days() if day <= now.date()}
