@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pandas as pd
@@ -159,3 +160,20 @@ async def test_file_order_sorts_within_a_bounded_window() -> None:
     assert await keys("listing", 1) == ["a", "b", "c", "d"]
     # Exact within each window of 2, windows in listing order.
     assert await keys("oldest", 2) == ["b", "a", "d", "c"]
+
+
+async def test_the_budget_alert_automation_is_accepted_by_prefect(prefect_server: None) -> None:
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    text = (Path(__file__).resolve().parents[1] / "deployments" / "budget-alerts.yaml").read_text()
+    (spec,) = yaml.safe_load(text)["automations"]
+    automation = AutomationCore.model_validate(spec)
+    assert set(automation.trigger.expect) == {EVENT_WARNING, EVENT_EXHAUSTED}
+    async with get_client() as client:
+        created = await client.create_automation(automation)
+        try:
+            stored = await client.read_automation(created)
+            assert stored is not None and stored.trigger.expect == automation.trigger.expect
+        finally:
+            await client.delete_automation(created)
