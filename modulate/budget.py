@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 
 __all__ = [
     "DEFAULT_BYTES_PER_SECOND",
+    "FORECAST_HORIZON_DAYS",
     "MS_PER_HOUR",
     "PACE_DAYS",
     "BillingPeriod",
@@ -24,6 +25,7 @@ __all__ = [
 
 MS_PER_HOUR = 3_600_000
 PACE_DAYS = 7  # the forecast's pace: audio hours per day over this many days up to now
+FORECAST_HORIZON_DAYS = 3653  # ten years: a later run-out date is reported as none
 MAX_START_DAY = 28  # every month has this day, so a period never starts on a missing date
 # Audio bytes per second assumed for a file whose header was not read or not understood,
 # by extension: typical speech encodings (128 kbit/s MP3/AAC, 64 kbit/s Opus/Vorbis, 16 kHz
@@ -81,13 +83,16 @@ def run_out_date(
         now: The time the forecast is made at.
 
     Returns:
-        Today when the limit is already reached; None when nothing was used in those days.
+        Today when the limit is already reached; None when nothing was used in those days,
+        or when the day is more than `FORECAST_HORIZON_DAYS` away.
     """
     if used_ms >= limit_ms:
         return now.date()
     if pace_ms <= 0:
         return None
     days_left = (limit_ms - used_ms) / (pace_ms / pace_days)
+    if days_left > FORECAST_HORIZON_DAYS:
+        return None
     return (now + timedelta(days=days_left)).date()
 
 

@@ -50,7 +50,7 @@ def usage(
         share = report.used_hours / report.limit_hours if report.limit_hours else 0.0
         table.add_row(
             report.model, f"{report.used_hours:g}", f"{report.limit_hours:g}", f"{share:.0%}",
-            f"{report.pace_hours_per_day:g}", _run_out(report),
+            f"{report.pace_hours_per_day:g}", report.run_out_text(),
         )
     console.print(table)
     for report in reports:
@@ -69,14 +69,6 @@ async def _reports(block: str, output_block: str, as_of: datetime | None) -> lis
     location = output.location()
     models = sorted(set(limits.models) | set(await asyncio.to_thread(usage_models, location)))
     return [await usage_report(limits, model, location, now=as_of) for model in models]
-
-
-def _run_out(report: BudgetReport) -> str:
-    if report.run_out is None:
-        return "no use in 7 days"
-    if report.run_out >= report.period_end:
-        return f"{report.run_out} (after reset)"
-    return report.run_out.isoformat()
 
 
 def _chart(report: BudgetReport) -> Table:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from blocks import OrgLimits
 from modulate import wav_duration_ms
 from modulate.budget import (
+    FORECAST_HORIZON_DAYS,
     MS_PER_HOUR,
     PACE_DAYS,
     BillingPeriod,
@@ -80,7 +81,7 @@ class BudgetReport(BaseModel):
     pace_hours_per_day: float = Field(description=f"Mean use per day over the last {PACE_DAYS}.")
     run_out: date | None = Field(
         description=f"When the limit is reached at the pace of the last {PACE_DAYS} days; "
-        "None when nothing was used in them."
+        f"None when nothing was used in them, or not within {FORECAST_HORIZON_DAYS} days."
     )
     daily_hours: dict[date, float] = Field(
         default_factory=dict, description="Hours used per day of the period, before this run."
@@ -88,18 +89,23 @@ class BudgetReport(BaseModel):
 
     def lines(self) -> list[tuple[str, Any]]:
         """Measure and value pairs for a table artifact."""
-        run_out = f"no use in the last {PACE_DAYS} days"
-        if self.run_out:
-            run_out = self.run_out.isoformat()
-        if self.run_out and self.run_out >= self.period_end:
-            run_out += f" (after the period resets on {self.period_end.isoformat()})"
         return [
             ("budget period", f"{self.period_start.isoformat()} to {self.period_end.isoformat()}"),
             ("budget hours used this period", self.used_hours),
             ("budget monthly limit hours", self.limit_hours),
             ("budget hours used by this run", self.run_hours),
-            (f"budget runs out at the last {PACE_DAYS} days' pace", run_out),
+            (f"budget runs out at the last {PACE_DAYS} days' pace", self.run_out_text()),
         ]
+
+    def run_out_text(self) -> str:
+        """The run-out day, or why there is none."""
+        if self.run_out is None and self.pace_hours_per_day <= 0:
+            return f"never: no use in the last {PACE_DAYS} days"
+        if self.run_out is None:
+            return f"not within {FORECAST_HORIZON_DAYS // 365} years"
+        if self.run_out >= self.period_end:
+            return f"{self.run_out.isoformat()} (after the reset on {self.period_end.isoformat()})"
+        return self.run_out.isoformat()
 
 
 class BudgetGate:

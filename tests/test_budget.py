@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from blocks import ModelLimit, OrgLimits
 from flows import transcribe
 from modulate import RetryPolicy
-from modulate.budget import billing_period
+from modulate.budget import BudgetBook, billing_period, run_out_date
 from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
 from tasks import runner
@@ -125,10 +125,8 @@ async def test_budget_sends_what_fits_defers_the_rest_and_the_next_period_sends_
     assert budget.run_out == (next_period + timedelta(days=9 / (4 / 7))).date()
 
     # The usage command shows the first period from the ledger, with a forecast and a chart.
-    result = await asyncio.to_thread(
-        CliRunner().invoke, app, ["usage", "--block", org_env.block, "--as-of", f"{now:%Y-%m-%dT%H:%M:%S}"],
-        catch_exceptions=False,
-    )
+    command = ["usage", "--block", org_env.block, "--as-of", f"{now:%Y-%m-%dT%H:%M:%S}"]
+    result = await asyncio.to_thread(CliRunner().invoke, app, command, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     line = next(row for row in result.output.splitlines() if row.startswith("│ stt"))
     # 10 s used of 13: 3 s left at 10 s a week.
@@ -177,3 +175,41 @@ async def test_the_budget_alert_automation_is_accepted_by_prefect(prefect_server
             assert stored is not None and stored.trigger.expect == automation.trigger.expect
         finally:
             await client.delete_automation(created)
+
+
+def test_billing_periods_start_on_the_blocks_day_and_wrap_the_year() -> None:
+    calendar = billing_period(datetime(2026, 12, 31, 23, 59, tzinfo=UTC))
+    assert (calendar.start, calendar.end) == (
+        datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+    )
+    before_the_15th = billing_period(datetime(2027, 1, 14, 12, tzinfo=UTC), start_day=15)
+    assert (before_the_15th.start.date(), before_the_15th.end.date()) == (
+        datetime(2026, 12, 15).date(), datetime(2027, 1, 15).date()
+    )
+    assert len(before_the_15th.days()) == 31
+    with pytest.raises(ValueError, match="start_day"):
+        billing_period(datetime(2027, 1, 1, tzinfo=UTC), start_day=31)
+
+
+def test_run_out_date_at_the_last_seven_days_pace() -> None:
+    now = datetime(2026, 12, 10, 12, tzinfo=UTC)
+    hour = HOUR_MS
+    # 70 h in 7 days is 10 h a day: 35 h left last 3.5 days.
+    assert run_out_date(used_ms=65 * hour, limit_ms=100 * hour, pace_ms=70 * hour, now=now) == (
+        datetime(2026, 12, 14).date()
+    )
+    assert run_out_date(used_ms=100 * hour, limit_ms=100 * hour, pace_ms=0, now=now) == now.date()
+    assert run_out_date(used_ms=0, limit_ms=hour, pace_ms=0, now=now) is None
+    assert run_out_date(used_ms=0, limit_ms=1000 * hour, pace_ms=1, now=now) is None  # 10+ years
+
+
+def test_the_book_holds_estimates_charges_real_durations_and_learns_sizes() -> None:
+    book = BudgetBook(limit_ms=10_000, used_before_ms=2_000, margin_ms=1_000)
+    assert book.spendable_ms == 7_000
+    assert book.reserve("a", 4_000) and not book.reserve("b", 3_001)
+    assert book.reserve("b", 3_000) and book.spendable_ms == 0
+    book.settle("a", 3_500, size_bytes=35_000, extension="mp3")  # real: 10 bytes per ms
+    book.settle("b", None)  # failed: nothing charged
+    assert book.used_ms == 5_500 and book.spendable_ms == 3_500
+    assert book.estimate_ms(20_000, "mp3") == 2_000
+    assert book.estimate_ms(16_000, "ogg") == 2_000  # the default 8,000 bytes/s
