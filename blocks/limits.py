@@ -10,6 +10,9 @@ from tasks.slots import limit_name
 
 __all__ = ["ModelLimit", "OrgLimits"]
 
+DEFAULT_BILLING_PERIOD_START_DAY = 1
+DEFAULT_BUDGET_MARGIN = 0.02
+
 
 class ModelLimit(BaseModel):
     """One model's limits for the organisation, as Modulate set them."""
@@ -32,7 +35,8 @@ class OrgLimits(Block):
     """An organisation's per-model limits on Modulate's APIs.
 
     `sync()` writes them into Prefect global concurrency limits named
-    `modulate:<organization>:<model>`, which every run on every worker holds.
+    `modulate:<organization>:<model>`, which every run on every worker holds. Runs spend
+    each model's monthly audio hours within the billing period, less the safety margin.
 
     Example:
         ```python
@@ -59,6 +63,26 @@ class OrgLimits(Block):
         description=(
             "Limits per model: stt, vfast, svd, pii, stt-streaming, svd-streaming, "
             "pii-streaming, platform. A model left out gets the default limits."
+        ),
+    )
+
+    billing_period_start_day: int = Field(
+        default=DEFAULT_BILLING_PERIOD_START_DAY,
+        ge=1,
+        le=28,
+        title="Billing period start day",
+        description=(
+            "Day of the month (UTC) the monthly audio hours reset on; 1 means calendar months."
+        ),
+    )
+    budget_margin: float = Field(
+        default=DEFAULT_BUDGET_MARGIN,
+        ge=0,
+        lt=1,
+        title="Budget safety margin",
+        description=(
+            "Share of each model's monthly audio hours runs leave unspent, for estimates that "
+            "run short and for other clients of the organisation (0.02 = 2%)."
         ),
     )
 

@@ -33,6 +33,8 @@ TABLE_ROWS: dict[str, str] = {
     "detection_summary": "one synthetic-voice verdict per file (`svd`).",
     "redactions": "one redacted file (`pii`): redacted text, redacted time ranges, MP3 location.",
     "platform_results": "one file of a Modulate Platform API job (`platform`).",
+    "usage": "one completed call and the audio it was charged, under the model whose monthly "
+    "limit it used and the day it finished (see Monthly audio hours).",
 }
 
 

@@ -19,6 +19,7 @@ from modulate_flows.blocks_cli import DEFAULT_BLOCK_NAME, DEFAULT_BUCKET_BLOCK_N
 from modulate_flows.console import make_console, print_rows
 from modulate_flows.platform_cli import platform_app
 from modulate_flows.prefect_api import PrefectUnavailable, connect, connect_or_exit
+from modulate_flows.usage_cli import usage
 
 __all__ = ["app"]
 
@@ -28,6 +29,7 @@ app.add_typer(limits_app, name="limits")
 app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
 app.command()(bench)
+app.command()(usage)
 console = make_console()
 # The block-name options `check` and `run` share (typer names each after its parameter).
 CredentialsBlock = Annotated[str, typer.Option(help="Name of the Modulate Credentials block.")]

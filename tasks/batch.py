@@ -39,8 +39,10 @@ from tasks.jobs import BatchJob, Rows
 from tasks.output import OutputLocation
 from tasks.s3 import AudioObject, read_object
 from tasks.slots import SlotPool, SlotsLost
+from tasks.usage import USAGE_TABLE, usage_row
 
 if TYPE_CHECKING:
+    from tasks.budget import BudgetGate
     from tasks.streaming import StreamRoute
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
 
 COMPLETED, FAILED, DEFERRED, SKIPPED = "completed", "failed", "deferred_quota", "skipped"
 DEFERRED_CONCURRENCY = "deferred_concurrency"
+DEFERRED_BUDGET = "deferred_budget"  # would not fit the month's audio hours (tasks/budget.py)
 
 
 class RunStopped(Exception):
@@ -102,6 +105,7 @@ class RunContext:
         self.touched: set[tuple[str, str]] = set()  # (table, date) written this run
         # Files over the batch size limit go to the job's streaming model (tasks/streaming.py).
         self.streaming: StreamRoute | None = None
+        self.budget: BudgetGate | None = None  # the runner opens it (tasks/budget.py)
         self.first_call = asyncio.Event()  # set by the run's first call to the service
         # Files between their S3 read and the end of their call: the pool's slots plus as
         # many read ahead. Unbounded, every file of the chunks in flight was read at once:
@@ -204,6 +208,8 @@ async def _process_file(
         ledger["error_class"] = type(error).__name__ if error else None
         ledger["error_detail"] = detail or (_safe_detail(error) if error else None)
         ledger["finished_at"] = datetime.now(UTC)
+        if ctx.budget is not None:
+            ctx.budget.settle(obj, status, ledger["audio_duration_ms"])
         logger.debug("file %s model %s: %s", obj.file_id, ctx.job.model, status)
         return ledger
 
@@ -213,6 +219,8 @@ async def _process_file(
                       f"accepted by {ctx.job.model}"), {}
     if ctx.gate.open:
         return finish(DEFERRED, detail=ctx.gate.likely_cause), {}
+    if ctx.budget is not None and (over := ctx.budget.refusal(obj)):
+        return finish(DEFERRED_BUDGET, detail=over), {}
     async with ctx.reads:  # from the read to the end of the call: see RunContext.reads
         audio: bytes | None = None  # a streaming job reads S3 in ranges itself as it sends
         try:
@@ -221,6 +229,8 @@ async def _process_file(
         except Exception as exc:  # noqa: BLE001 - any S3 failure fails this file, not the batch
             detail = f"could not read {obj.uri}: {type(exc).__name__}"
             return finish(FAILED, exc, detail=detail), {}
+        if ctx.budget is not None and (over := await ctx.budget.reserve(obj, audio)):
+            return finish(DEFERRED_BUDGET, detail=over), {}
 
         ctx.pool.add_demand(1)
         try:
@@ -239,7 +249,9 @@ async def _process_file(
     ledger["audio_duration_ms"] = getattr(result, "duration_ms", None) or getattr(
         getattr(result, "metadata", None), "duration_ms", None
     )
-    return finish(COMPLETED), rows
+    billed = getattr(ctx.job, "stream_model", ctx.job.model)  # a routed file uses the stream's
+    rows[USAGE_TABLE] = [usage_row(finish(COMPLETED), billed)]
+    return ledger, rows
 
 
 async def _call_with_policy(

@@ -1,4 +1,6 @@
-"""The order a run sends its files in: largest first, within a bounded look-ahead.
+"""The order a run sends its files in, within a bounded look-ahead of the listing.
+
+`order_files()` takes the run's `file_order`. The default, "largest", is for speed:
 
 A run ends when its last call ends, and a call's latency grows with its audio. In listing
 order an hour-long call sits wherever its key sorts; started near the end, it runs alone
@@ -8,6 +10,10 @@ and ends the run on short ones, so the slots drain together. An object's size st
 for its duration: the listing has sizes, not durations, and within one codec the bytes
 grow with the seconds.
 
+"oldest", "newest" and "smallest" say which files a monthly budget that cannot cover the
+backlog is spent on (tasks/budget.py); they sort each window of `window` listed objects.
+"listing" is S3 key order.
+
 Memory stays bounded whatever the bucket holds: at most `window` objects (a few hundred
 bytes each) wait here, on top of the listing's page.
 """
@@ -16,14 +22,20 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from tasks.s3 import AudioObject
 
-__all__ = ["LOOKAHEAD_OBJECTS", "largest_first"]
+__all__ = [
+    "DEFAULT_FILE_ORDER", "LOOKAHEAD_OBJECTS", "FileOrder", "largest_first", "order_files",
+]
 
 # One S3 listing page: the first page arrives whole, so filling the window costs no wait
 # before the first call; 1,000 objects are ~0.3 MB.
 LOOKAHEAD_OBJECTS = 1000
+
+FileOrder = Literal["largest", "oldest", "newest", "smallest", "listing"]
+DEFAULT_FILE_ORDER: FileOrder = "largest"
 
 
 async def largest_first(
@@ -45,3 +57,37 @@ async def largest_first(
             yield heapq.heappop(waiting)[2]
     while waiting:
         yield heapq.heappop(waiting)[2]
+
+
+async def order_files(
+    objects: AsyncIterator[AudioObject], order: FileOrder, window: int
+) -> AsyncIterator[AudioObject]:
+    """Yield the listing in `order`, holding at most `window` objects.
+
+    "largest" slides its window (see `largest_first`); the other sorts are exact within each
+    window of `window` listed files, and windows follow the listing (S3 key order).
+    "listing" passes the listing through as it comes.
+    """
+    if order == "largest":
+        async for obj in largest_first(objects, window):
+            yield obj
+        return
+    if order == "listing":
+        async for obj in objects:
+            yield obj
+        return
+    pending: list[AudioObject] = []
+    async for obj in objects:
+        pending.append(obj)
+        if len(pending) >= window:
+            for ordered in _sorted(pending, order):
+                yield ordered
+            pending = []
+    for ordered in _sorted(pending, order):
+        yield ordered
+
+
+def _sorted(objects: list[AudioObject], order: FileOrder) -> list[AudioObject]:
+    if order == "smallest":
+        return sorted(objects, key=lambda o: (o.size, o.key))
+    return sorted(objects, key=lambda o: (o.last_modified, o.key), reverse=order == "newest")

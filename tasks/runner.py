@@ -6,7 +6,9 @@ in one of three states a user reads at a glance in the Prefect UI:
 * Completed: every file completed or skipped;
 * Completed named "Completed with failures": some files failed (the `files` table says why);
 * Completed named "Deferred": the monthly limit was reached; the unsent files are
-  `deferred_quota` and a rerun after the limit resets sends exactly them and the failed ones.
+  `deferred_quota` and a rerun after the limit resets sends exactly them and the failed ones;
+* Completed named "Deferred by budget": the files that would not fit the period's audio hours
+  (less the safety margin) are `deferred_budget`, sent by a rerun in the next period.
 
 A bad key or a model not enabled fails the run at once with the setting to fix.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -37,14 +40,16 @@ from modulate import AuthError, ModelGate, ModelNotEnabled, RetryPolicy
 from tasks import output
 from tasks.batch import (
     DEFERRED,
+    DEFERRED_BUDGET,
     DEFERRED_CONCURRENCY,
     FAILED,
     RunContext,
     RunStopped,
     process_chunk,
 )
+from tasks.budget import BudgetReport, open_budget
 from tasks.jobs import BatchJob, config_hash
-from tasks.ordering import largest_first
+from tasks.ordering import DEFAULT_FILE_ORDER, LOOKAHEAD_OBJECTS, FileOrder, order_files
 from tasks.s3 import AudioObject, S3Input, iter_audio
 from tasks.slots import SlotPool, SlotsLost
 from tasks.streaming import route_large_files
@@ -76,6 +81,24 @@ class RunSettings(BaseModel):
     chunk_size: int = Field(
         default=100, ge=1, le=1000, description="Files per Prefect task; calls inside run at once."
     )
+    file_order: FileOrder = Field(
+        default=DEFAULT_FILE_ORDER,
+        description="The order files are sent in: largest first (the long calls start early "
+        "and the slots drain together: the fastest run), or, to choose which files get the "
+        "month's audio hours when they cannot cover the backlog, oldest or newest S3 object "
+        "first, smallest first (the most files), or listing (S3 key order). Files are sent in "
+        "this order until one does not fit the budget.",
+    )
+    order_window: int = Field(
+        default=LOOKAHEAD_OBJECTS, ge=1, le=100_000,
+        description="Files listed ahead and ordered by file_order (memory holds at most this "
+        "many); windows follow the S3 key order.",
+    )
+    budget_as_of: datetime | None = Field(
+        default=None,
+        description="Reckon the billing period and the run-out forecast as of this time "
+        "(UTC) instead of now; for what-if runs.",
+    )
 
 
 class RunSummary(BaseModel):
@@ -90,6 +113,7 @@ class RunSummary(BaseModel):
     max_in_flight: int
     output_root: str
     note: str | None = None
+    budget: BudgetReport | None = Field(default=None, description="The month's audio hours.")
 
 
 async def run_batch(
@@ -140,8 +164,13 @@ async def run_batch(
             location=location,
             flow_run_id=flow_run_id,
         )
-        listed = _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done)
-        todo = largest_first(listed)  # long calls first, bounded look-ahead: tasks/ordering.py
+        budget = ctx.budget = await open_budget(
+            limits, job.model, location, now=settings.budget_as_of
+        )
+        todo = order_files(
+            _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done),
+            settings.file_order, settings.order_window,
+        )
         stopped: BaseException | None = None
         s3_error: BaseException | None = None
         try:
@@ -165,7 +194,8 @@ async def run_batch(
         audio_hours=round(ctx.audio_ms / 3_600_000, 4),
         max_in_flight=pool.max_in_use,
         output_root=location.root,
-        note=ctx.gate.likely_cause if ctx.gate.open else None,
+        note=ctx.gate.likely_cause if ctx.gate.open else budget.closed,
+        budget=budget.report(),
     )
     await acreate_table_artifact(
         table=[{"measure": k, "value": v} for k, v in _summary_lines(summary)],
@@ -173,8 +203,9 @@ async def run_batch(
         description=f"Modulate {job.model} run: files by status, calls, rejections, output.",
     )
     logger.info(
-        "%s run: %s; %d calls; rejections %s; output %s",
+        "%s run: %s; %d calls; rejections %s; output %s; %s",
         job.model, summary.files, summary.calls, summary.rejections, summary.output_root,
+        "; ".join(f"{k} {v}" for k, v in budget.report().lines()),
     )
     if stopped is not None:
         raise RuntimeError(_fix_message(stopped, settings)) from None
@@ -266,6 +297,8 @@ def _summary_lines(summary: RunSummary) -> list[tuple[str, Any]]:
         ("config hash", summary.config_hash),
         ("output", summary.output_root),
     ]
+    if summary.budget:
+        lines += summary.budget.lines()
     if summary.note:
         lines.append(("note", summary.note))
     return lines
@@ -278,6 +311,13 @@ def _final_state(summary: RunSummary) -> State:
             name="Deferred",
             message=f"Monthly limit reached ({summary.note}); {counts}. "
             "Rerun after the limit resets to send the deferred and failed files.",
+            data=summary,
+        )
+    if summary.files.get(DEFERRED_BUDGET):
+        return Completed(
+            name="Deferred by budget",
+            message=f"{summary.note}; {counts}. A rerun in the next billing period sends the "
+            "deferred and failed files.",
             data=summary,
         )
     if summary.files.get(DEFERRED_CONCURRENCY):

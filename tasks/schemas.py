@@ -34,7 +34,8 @@ DESCRIPTION_KEY = b"description"
 # pyarrow, DuckDB and polars put partition columns when they read the dataset back.
 PARTITION_COLUMNS: tuple[str, str] = ("model", "date")
 FILE_STATUSES = frozenset(
-    {"completed", "failed", "deferred_quota", "deferred_concurrency", "skipped"}
+    {"completed", "failed", "deferred_quota", "deferred_budget", "deferred_concurrency",
+     "skipped"}
 )
 
 FILE_ID_HEX_CHARS = 16
@@ -90,6 +91,13 @@ def _schema(*fields: pa.Field, key: tuple[str, ...] = ("file_id", "config_hash")
     return pa.schema(head + body + tail)
 
 
+def _with_fields(schema: pa.Schema, *fields: pa.Field) -> pa.Schema:
+    """``schema`` with each field of the same name as one of ``fields`` replaced by it."""
+    for field in fields:
+        schema = schema.set(schema.get_field_index(field.name), field)
+    return schema
+
+
 TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "files": (
         _schema(
@@ -99,7 +107,8 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
             _field(
                 "status",
                 pa.string(),
-                "Outcome: completed, failed, deferred_quota, deferred_concurrency or skipped.",
+                "Outcome: completed, failed, deferred_quota, deferred_budget,"
+                " deferred_concurrency or skipped.",
                 nullable=False,
             ),
             _field("error_class", pa.string(), "Error class name when the file did not complete."),
@@ -210,6 +219,28 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
             key=("job_id", "file_id"),
         ),
         ("job_id", "file_id"),
+    ),
+    "usage": (
+        _with_fields(
+            _schema(
+                _field("audio_duration_ms", pa.int64(), "Audio duration the call was charged, ms."),
+                _field("finished_at", _TIMESTAMP, "When the call finished (UTC)."),
+                _field("flow_run_id", pa.string(), "Prefect flow run that made the call."),
+            ),
+            _field(
+                "model",
+                pa.string(),
+                "Model whose monthly limit the call used (Hive partition).",
+                nullable=False,
+            ),
+            _field(
+                "date",
+                pa.string(),
+                "UTC date (YYYY-MM-DD) the call finished (Hive partition, unlike other tables).",
+                nullable=False,
+            ),
+        ),
+        ("file_id", "config_hash"),
     ),
 }
 

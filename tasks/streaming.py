@@ -39,6 +39,7 @@ from modulate import (
 from modulate._constants import BATCH_EXTENSIONS, SVD_EXTENSIONS
 from modulate.streaming import RAW_AUDIO_FORMATS, StreamEndpoint
 from tasks.batch import RunContext
+from tasks.budget import open_budget
 from tasks.jobs import (
     BatchJob,
     RedactionJob,
@@ -312,6 +313,10 @@ class StreamRoute:
                     location=parent.location, flow_run_id=parent.flow_run_id,
                 )
                 self.opened.rejections = parent.rejections  # one summary for the run
+                if parent.budget is not None:  # the stream model's own monthly hours
+                    self.opened.budget = await open_budget(
+                        self.limits, model, parent.location, now=parent.budget.now
+                    )
         return self.opened
 
 

@@ -87,3 +87,5 @@ async def test_examples_run_on_real_output(org_env: Any, monkeypatch: pytest.Mon
     assert len(latest) == (GOOD_FILES + 1) * 2
     assert results["summary"]["files"].sum() == GOOD_FILES
     assert len(results["words"]) == GOOD_FILES and (results["words"]["words"] > 0).all()
+    hours = results["hours"].groupby("model")["hours"].sum()
+    assert hours["stt"] == hours["svd"] == pytest.approx(GOOD_FILES * 2.0 / 3600)
