@@ -23,6 +23,7 @@ from .models import (
     Done,
     FrameEvent,
     JobFile,
+    JobOutcome,
     JobStatus,
     PartialUtterance,
     RealtimeSession,
@@ -38,7 +39,7 @@ from .models import (
     UtteranceEvent,
     VFastTranscript,
 )
-from .platform import PlatformClient, PlatformFlags
+from .platform import PlatformClient, PlatformFlags, PlatformWire
 from .streaming import RAW_AUDIO_FORMATS, StreamingClient, StreamParams
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "FrameEvent",
     "GiveUp",
     "JobFile",
+    "JobOutcome",
     "JobStatus",
     "ModelNotEnabled",
     "ModulateError",
@@ -59,6 +61,7 @@ __all__ = [
     "PartialUtterance",
     "PlatformClient",
     "PlatformFlags",
+    "PlatformWire",
     "QuotaBreaker",
     "RealtimeSession",
     "RedactedAudioWindow",
