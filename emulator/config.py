@@ -25,9 +25,14 @@ __all__ = [
     "Latency",
     "ModelLimits",
     "OrgConfig",
+    "PlatformWireVariant",
 ]
 
 DetailFamily = Literal["legacy", "2026"]
+# Two readings of the unpublished Platform wire (emulator/platform.py): "nested" (per-file
+# status, results under `result`, transcript an object) and "flat" (other submission_type
+# values, `finalize`, flat results without per-file status, transcript a string).
+PlatformWireVariant = Literal["nested", "flat"]
 
 BATCH_MODELS: tuple[str, ...] = ("stt", "vfast", "svd", "pii")
 STREAMING_MODELS: tuple[str, ...] = ("stt-streaming", "svd-streaming", "pii-streaming")
@@ -104,6 +109,7 @@ class EmulatorConfig(BaseModel):
     faults: Faults = Field(default_factory=Faults)
     detail_family: DetailFamily = "2026"
     platform_job_seconds: float = Field(default=DEFAULT_PLATFORM_JOB_SECONDS, ge=0)
+    platform_wire: PlatformWireVariant = "nested"
     seed: int = 0
 
     @classmethod

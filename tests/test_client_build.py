@@ -224,17 +224,22 @@ def test_platform_single_file() -> None:
 
 def test_platform_multi_file_and_flags() -> None:
     flags = PlatformFlags(emotion_annotation=True, synthetic_voice_detection=True)
-    first = json.loads(_build_submit(PBASE, WIRE, HEADERS, b"a", "a.mp3", flags, None, False).read())
+    first = json.loads(
+        _build_submit(PBASE, WIRE, HEADERS, b"a", "a.mp3", flags, None, False).read()
+    )
     assert first["submission_type"] == "multi_file" and first["finalize_job"] is False
     assert "job_id" not in first
     assert first["flags"] == {"emotion_annotation": True, "synthetic_voice_detection": True}
-    last = json.loads(_build_submit(PBASE, WIRE, HEADERS, b"a", "b.opus", flags, "job-1", True).read())
+    last = json.loads(
+        _build_submit(PBASE, WIRE, HEADERS, b"a", "b.opus", flags, "job-1", True).read()
+    )
     assert last["submission_type"] == "multi_file"
     assert (last["job_id"], last["finalize_job"], last["file_extension"]) == ("job-1", True, "opus")
 
 
 def test_platform_realtime_and_status() -> None:
-    body = json.loads(_build_realtime(PBASE, WIRE, HEADERS, PlatformFlags(demographics=True)).read())
+    request = _build_realtime(PBASE, WIRE, HEADERS, PlatformFlags(demographics=True))
+    body = json.loads(request.read())
     assert body == {"flags": {"demographics": True}, "submission_type": "realtime_websocket"}
     request = _build_job_status(PBASE, WIRE, HEADERS, "abc/../x")
     assert request.method == "GET"
