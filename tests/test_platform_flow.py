@@ -32,7 +32,14 @@ from flows.platform import PlatformJobOptions, PlatformSettings
 from modulate import PlatformFlags, PlatformWire
 from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
-from store.job_records import STATE_DIR, JobFileRecord, JobRecord, save_record
+from store.job_records import (
+    STATE_DIR,
+    JobFileRecord,
+    JobRecord,
+    failed_submissions,
+    load_open_records,
+    save_record,
+)
 from tasks.output import OutputLocation
 from tasks.platform import PollSettings
 from tasks.s3 import AudioObject, S3Input
@@ -385,6 +392,36 @@ async def test_an_unreadable_job_status_ends_polling_and_a_fixed_rerun_reattache
     assert (await state.aresult()).jobs_reattached == 1
     assert platform_stats(emulator)["submissions"] == submissions
     assert set(ledger(org_env).status) == {"completed"}
+
+
+def test_reattach_reads_only_open_jobs(tmp_path: Path) -> None:
+    """Closed records are never opened at start-up (these ones would not even parse), and
+    records of the earlier flat layout move into `open/`, `failed/` or `closed/` once."""
+    location = OutputLocation(root=str(tmp_path))
+    state = tmp_path / STATE_DIR
+
+    def record(job_id: str, **kw: Any) -> JobRecord:
+        f = JobFileRecord(file_id=f"f-{job_id}", source_uri=f"s3://b/{job_id}.wav", etag="e",
+                          size_bytes=1, date="2026-12-01", filename=f"{job_id}.wav", posted=True)
+        return JobRecord(job_id=job_id, config_hash="h", files=[f], finalized=True, **kw)
+
+    (state / "closed").mkdir(parents=True)
+    for i in range(50):
+        (state / "closed" / f"done-{i}.json").write_text("not json: must never be read")
+    save_record(location, record("open-1"))
+    failed = record("failed-1", closed=True, status="failed")
+    failed.files[0].outcome = "failed"
+    save_record(location, failed)
+    (state / "legacy-1.json").write_text(record("legacy-1").model_dump_json())
+
+    assert sorted(r.job_id for r in load_open_records(location, "h")) == ["legacy-1", "open-1"]
+    assert not (state / "legacy-1.json").exists()
+    assert load_open_records(location, "other-config") == []
+    assert failed_submissions(location, "h") == {"f-failed-1": 1}
+    done = record("open-1", closed=True, status="completed")
+    done.files[0].outcome = "completed"
+    save_record(location, done)  # closing moves it out of open/
+    assert [r.job_id for r in load_open_records(location, "h")] == ["legacy-1"]
 
 
 def _config_hash() -> str:
