@@ -1,12 +1,15 @@
 """The `modulate-flows` command: the demo, the emulator, and the org's limits.
 
 Prefect is imported inside the commands, after the settings they need are in the
-environment (a Prefect setting read at import time would ignore a later change).
+environment (a Prefect setting read at import time would ignore a later change). The demo
+and the emulator need the `local` extra (moto, fastapi, uvicorn, duckdb), which a worker's
+install does not carry; without it they say how to add it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +17,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from modulate_flows.bench_cli import bench
 from modulate_flows.blocks_cli import blocks_app
 from modulate_flows.platform_cli import platform_app
 
@@ -25,8 +27,8 @@ limits_app = typer.Typer(help="The organisation's per-model limits.", no_args_is
 app.add_typer(limits_app, name="limits")
 app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
-app.command()(bench)
 console = Console()
+LOCAL_STACK = ("moto", "fastapi", "uvicorn", "duckdb")
 
 
 @app.command()
@@ -37,6 +39,7 @@ def demo(
     files: Annotated[int, typer.Option(min=1, max=500, help="Sample calls to generate.")] = 24,
 ) -> None:
     """Run the batch flows on sample audio against a local S3 and the emulator, then summarise."""
+    _require_local_stack("demo")
     output.mkdir(parents=True, exist_ok=True)
     # A Prefect of its own under the output directory: the runs stay there to browse
     # with `prefect server start` afterwards, and nothing touches ~/.prefect.
@@ -58,6 +61,7 @@ def emulator(
     ] = None,
 ) -> None:
     """Serve the Modulate emulator on 127.0.0.1 until interrupted."""
+    _require_local_stack("emulator")
     from emulator import EmulatorConfig, serve
 
     loaded = EmulatorConfig.load(config) if config else EmulatorConfig.default()
@@ -77,3 +81,14 @@ def limits_sync(
 
     for name, limit in asyncio.run(sync()).items():
         console.print(f"{name}: {limit} at once")
+
+
+def _require_local_stack(command: str) -> None:
+    missing = [name for name in LOCAL_STACK if importlib.util.find_spec(name) is None]
+    if missing:
+        console.print(
+            f"`modulate-flows {command}` needs the local stack, which this install lacks "
+            f"({', '.join(missing)}). Install it with `pip install \"modulate-flows[local]\"`, "
+            "or run from a checkout with `uv run modulate-flows ...` (uv installs it by default)."
+        )
+        raise typer.Exit(code=1)
