@@ -28,6 +28,8 @@ app.add_typer(limits_app, name="limits")
 app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
 console = Console()
+# fastapi and uvicorn also come with prefect (its server), so moto and duckdb are what a
+# worker's install lacks; all four are listed so a missing one is named whatever pulls it in.
 LOCAL_STACK = ("moto", "fastapi", "uvicorn", "duckdb")
 
 
@@ -89,6 +91,7 @@ def _require_local_stack(command: str) -> None:
         console.print(
             f"`modulate-flows {command}` needs the local stack, which this install lacks "
             f"({', '.join(missing)}). Install it with `pip install \"modulate-flows[local]\"`, "
-            "or run from a checkout with `uv run modulate-flows ...` (uv installs it by default)."
+            "or run from a checkout with `uv run modulate-flows ...` (uv installs it by default).",
+            markup=False,
         )
         raise typer.Exit(code=1)
