@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from ._constants import (
     DEFAULT_PLATFORM_BASE_URL,
+    DEFAULT_PLATFORM_DEADLINE,
     DEFAULT_PLATFORM_TIMEOUT,
     MAX_PLATFORM_BYTES,
     PLATFORM_EXTENSIONS,
@@ -61,6 +62,7 @@ class PlatformClient(_BaseHTTPClient):
         api_key: SecretStr,
         base_url: str = DEFAULT_PLATFORM_BASE_URL,
         timeout: httpx.Timeout = DEFAULT_PLATFORM_TIMEOUT,
+        deadline: float = DEFAULT_PLATFORM_DEADLINE,
         wire: PlatformWire = DEFAULT_WIRE,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
@@ -68,7 +70,8 @@ class PlatformClient(_BaseHTTPClient):
             _check_api_key(api_key)  # a bad key is still reported first
             raise ValueError("account_uuid is required")
         super().__init__(
-            api_key=api_key, base_url=base_url, timeout=timeout, http_client=http_client
+            api_key=api_key, base_url=base_url, timeout=timeout, deadline=deadline,
+            http_client=http_client,
         )
         self._account_uuid = account_uuid
         self.wire = wire

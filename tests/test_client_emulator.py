@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -451,6 +452,32 @@ async def test_platform_bad_audio_and_fault(emulator: Any) -> None:
         admin_config(emulator, faults={"error_5xx_rate": 1.0})
         with pytest.raises(Transient):
             await client.submit_file(WAV, "a.wav", flags=PlatformFlags())
+
+
+# --- overall timeouts: a service that holds the connection and says nothing ---------------------
+
+HANG = {"faults": {"slow_rate": 1.0, "slow_s": 30.0}}
+
+
+async def test_a_hung_batch_call_ends_at_its_deadline_as_transient(emulator: Any) -> None:
+    admin_config(emulator, **HANG)
+    client = BatchClient(api_key=SecretStr(VELMA_KEY), base_url=emulator.url, deadline=0.5)
+    started = time.monotonic()
+    async with client:
+        with pytest.raises(Transient, match="no complete answer within 0.5 s"):
+            await client.transcribe(WAV, "a.wav")
+    assert time.monotonic() - started < 10  # bounded: the emulator would hold it 30 s
+
+
+async def test_a_silent_stream_ends_at_its_silence_timeout_as_transient(emulator: Any) -> None:
+    admin_config(emulator, **HANG)
+    client = StreamingClient(
+        api_key=SecretStr(VELMA_KEY), base_url=emulator.url, silence_timeout=0.5
+    )
+    started = time.monotonic()
+    with pytest.raises(Transient, match="no message from the service for 0.5 s"):
+        await client.collect("svd", chunks(WAV), STREAM_PARAMS["svd"])
+    assert time.monotonic() - started < 10
 
 
 # --- no key in exceptions or logs ----------------------------------------------------------------
