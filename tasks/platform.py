@@ -470,7 +470,7 @@ def _result_row(
         "config_hash": run.config_hash,
         "platform_file_id": f.platform_file_id,
         "filename": f.filename,
-        "status": f.outcome,  # read with the wire settings; the service's words in raw_json
+        "status": (jf.status if jf is not None else None) or status.status,  # as the API wrote it
         "error": error,
         "raw_json": json.dumps(result, sort_keys=True) if result else None,
         "transcript_text": jf.transcript_text if jf is not None else None,

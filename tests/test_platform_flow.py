@@ -156,7 +156,7 @@ async def test_multi_file_jobs_complete_with_every_result(org_env, emulator, var
 
     results = pd.read_parquet(org_env.output / "platform_results")
     assert sorted(results.groupby("job_id").size()) == [1, 3, 3]
-    assert set(results.status) == {"completed"}
+    assert set(results.status) == {"completed" if variant == "nested" else "done"}  # its words
     assert results.transcript_text.str.len().min() > 0
     assert results.emotion_json.notna().all() and results.demographics_json.notna().all()
     assert set(results.synthetic_voice_verdict) <= {"synthetic", "non-synthetic"}
