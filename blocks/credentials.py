@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from modulate import BatchClient, PlatformClient, StreamingClient
+from modulate import BatchClient, PlatformClient, PlatformWire, StreamingClient
 from modulate._constants import DEFAULT_MODELS_BASE_URL, DEFAULT_PLATFORM_BASE_URL
 
 __all__ = ["ModulateCredentials", "PlatformCredentials"]
@@ -49,6 +49,10 @@ class ModulateCredentials(Block):
 class PlatformCredentials(Block):
     """An account UUID and API key for the Modulate Platform API (asynchronous jobs).
 
+    The `wire` group holds the field names and values the vendor does not publish
+    (submission_type and its values, finalize_job, the job-status fields); change them there
+    when the service answers otherwise (docs/platform.md, Wire settings).
+
     Example:
         ```python
         from blocks import PlatformCredentials
@@ -74,9 +78,17 @@ class PlatformCredentials(Block):
         title="Base URL",
         description="Base URL of the Modulate Platform API.",
     )
+    wire: PlatformWire = Field(
+        default_factory=PlatformWire,
+        title="Wire settings",
+        description="Request and job-status field names the vendor does not publish.",
+    )
 
     def platform_client(self) -> PlatformClient:
-        """A Platform API client built with this block's account and key."""
+        """A Platform API client built with this block's account, key and wire settings."""
         return PlatformClient(
-            account_uuid=self.account_uuid, api_key=self.api_key, base_url=self.base_url
+            account_uuid=self.account_uuid,
+            api_key=self.api_key,
+            base_url=self.base_url,
+            wire=self.wire,
         )

@@ -74,7 +74,7 @@ async def get_config(request: Request) -> dict[str, Any]:
 
 @router.patch("/config")
 async def patch_config(request: Request) -> Response:
-    """Change any of latency, faults, detail_family, platform_job_seconds."""
+    """Change any of latency, faults, detail_family, platform_job_seconds, platform_wire."""
     state = _state(request)
     try:
         changes = await request.json()

@@ -25,9 +25,14 @@ __all__ = [
     "Latency",
     "ModelLimits",
     "OrgConfig",
+    "PlatformWireVariant",
 ]
 
 DetailFamily = Literal["legacy", "2026"]
+# Two readings of the unpublished Platform wire (emulator/platform.py): "nested" (per-file
+# status, results under `result`, transcript an object) and "flat" (other submission_type
+# values, `finalize`, flat results without per-file status, transcript a string).
+PlatformWireVariant = Literal["nested", "flat"]
 
 BATCH_MODELS: tuple[str, ...] = ("stt", "vfast", "svd", "pii")
 STREAMING_MODELS: tuple[str, ...] = ("stt-streaming", "svd-streaming", "pii-streaming")
@@ -113,6 +118,7 @@ class EmulatorConfig(BaseModel):
         description="A batch WAV lasts what its data chunk's size declares, even when the "
         "body is shorter: benchmarks send hour-long calls as files of a few KB.",
     )
+    platform_wire: PlatformWireVariant = "nested"
     seed: int = 0
 
     @classmethod

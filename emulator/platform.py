@@ -2,8 +2,11 @@
 
 The vendor publishes only part of this surface (API_CONTRACT.md §9); every field beyond
 `audio_base64`/`file_extension`/`flags`/`filename` and `job_id`/`status` is our choice, kept in
-this one module. Jobs move processing → completed (or failed) `platform_job_seconds` after they
-are finalized; the status is computed when polled, so the delay can change at runtime.
+this one module, in two variants switched at runtime (`platform_wire`): "nested" (per-file
+status, results under `result`) and "flat" (other submission_type values and finalize field,
+flat results with no per-file status, a failed job lists no files). Jobs move processing →
+completed (or failed) `platform_job_seconds` after they are finalized; the status is computed
+when polled, so the delay can change at runtime.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ __all__ = ["MAX_PLATFORM_BYTES", "router"]
 
 MAX_PLATFORM_BYTES = 5 * 1024 * 1024
 EXTENSIONS: tuple[str, ...] = ("mp3", "wav", "opus")
-SUBMISSION_TYPES: tuple[str, ...] = ("single_file", "multi_file", "realtime_websocket")
+# Per variant: the submission_type value of a single file, a multi-file job, a realtime session.
+SUBMISSION_TYPES: dict[str, tuple[str, str, str]] = {
+    "nested": ("single_file", "multi_file", "realtime_websocket"),
+    "flat": ("single", "multi", "realtime"),
+}
+FINALIZE_FIELD = {"nested": "finalize_job", "flat": "finalize"}
+# The flat variant's job statuses, by the nested one's.
+FLAT_STATUS = {"accepting_files": "accepting_files", "processing": "running",
+               "completed": "done", "failed": "error"}
 FLAGS: tuple[str, ...] = (
     "emotion_annotation", "demographics", "synthetic_voice_detection", "behavioral_insights",
 )
@@ -84,6 +95,8 @@ async def job_status(job_id: str, request: Request) -> Response:
         return error_response(404, "Job not found.")
     status = state.job_status(job)
     failing = next((f.filename for f in job.files if "fail" in f.filename), None)
+    if state.config.platform_wire == "flat":
+        return JSONResponse(_flat_status(job, status, failing))
     files = []
     for f in job.files:
         failed = status == "failed" and f.filename == failing
@@ -97,6 +110,24 @@ async def job_status(job_id: str, request: Request) -> Response:
         })
     error = f"Processing failed for {failing}." if status == "failed" else None
     return JSONResponse({"job_id": job.job_id, "status": status, "files": files, "error": error})
+
+
+def _flat_status(job: Job, status: str, failing: str | None) -> dict[str, Any]:
+    """Flat variant: results only once done, no per-file status, transcript a string."""
+    results = []
+    if status == "completed":
+        for f in job.files:
+            transcript = f.result["transcript"]
+            results.append({"id": f.file_id, "filename": f.filename, **f.result,
+                            "transcript": transcript["text"],
+                            "utterances": transcript["utterances"]})
+    return {
+        "job_id": job.job_id,
+        "status": FLAT_STATUS[status],
+        "results": results,
+        "error_message": (f"Processing failed for {failing}; resubmit the job's files."
+                          if status == "failed" else None),
+    }
 
 
 @router.websocket("/realtime/{job_id}")
@@ -142,11 +173,22 @@ async def realtime(ws: WebSocket, job_id: str) -> None:
 
 
 def _plan(state: EmulatorState, org: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Validate a submission; raise RejectedRequest on bad input."""
-    kind = body.get("submission_type", "single_file")
-    if kind not in SUBMISSION_TYPES:
-        expected = ", ".join(SUBMISSION_TYPES)
-        raise RejectedRequest(400, f"Invalid submission_type. Expected one of: {expected}.")
+    """Validate a submission; raise RejectedRequest on bad input.
+
+    The plan's `kind` is the nested variant's name of the submission type, whatever came.
+    """
+    variant = state.config.platform_wire
+    types = SUBMISSION_TYPES[variant]
+    sent = body.get("submission_type", types[0])
+    if sent not in types:
+        expected = ", ".join(types)
+        if variant == "nested":
+            raise RejectedRequest(400, f"Invalid submission_type. Expected one of: {expected}.")
+        allowed = " or ".join(repr(t) for t in types)
+        raise RejectedRequest(422, [{"loc": ["body", "submission_type"],
+                                     "msg": f"Input should be {allowed}",
+                                     "type": "literal_error", "input": sent}])
+    kind = SUBMISSION_TYPES["nested"][types.index(sent)]
     flags = body.get("flags") or {}
     if not isinstance(flags, dict) or any(not isinstance(v, bool) for v in flags.values()):
         raise RejectedRequest(400, "Invalid flags.")
@@ -158,7 +200,8 @@ def _plan(state: EmulatorState, org: str, body: dict[str, Any]) -> dict[str, Any
         if job.finalized_at is not None or job.submission_type == "realtime_websocket":
             raise RejectedRequest(409, "Job is already finalized.")
     plan: dict[str, Any] = {"kind": kind, "flags": flags, "job_id": job_id, "seconds": 0.0,
-                            "finalize": bool(body.get("finalize_job", False)), "audio": None}
+                            "finalize": bool(body.get(FINALIZE_FIELD[variant], False)),
+                            "audio": None}
     if kind == "realtime_websocket":
         return plan
     audio_b64 = body.get("audio_base64")

@@ -245,8 +245,8 @@ class EmulatorState:
             stats.audio_seconds = 0.0
 
     def patch_config(self, changes: dict[str, Any]) -> None:
-        """Apply any of latency, faults, detail_family, platform_job_seconds (validated)."""
-        allowed = {"latency", "faults", "detail_family", "platform_job_seconds"}
+        """Apply any of latency, faults, detail_family, platform_job_seconds, platform_wire."""
+        allowed = {"latency", "faults", "detail_family", "platform_job_seconds", "platform_wire"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
@@ -255,7 +255,7 @@ class EmulatorState:
             data["latency"] = Latency.model_validate({**data["latency"], **changes["latency"]})
         if "faults" in changes:
             data["faults"] = Faults.model_validate({**data["faults"], **changes["faults"]})
-        for name in ("detail_family", "platform_job_seconds"):
+        for name in ("detail_family", "platform_job_seconds", "platform_wire"):
             if name in changes:
                 data[name] = changes[name]
         new = EmulatorConfig.model_validate(data)
@@ -263,6 +263,7 @@ class EmulatorState:
         self.config.faults = new.faults
         self.config.detail_family = new.detail_family
         self.config.platform_job_seconds = new.platform_job_seconds
+        self.config.platform_wire = new.platform_wire
 
     def patch_model(self, org: str, model: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Apply any of enabled, concurrent, monthly_audio_hours to one org+model."""

@@ -5,11 +5,14 @@ close code (auth and limits) or gets an `error` message and close 1003 (bad para
 admitted stream holds one slot of its model for its whole life and is charged as audio arrives.
 Audio is processed incrementally (hash state and counters only), so size is unbounded.
 Fault injection: with probability `faults.error_5xx_rate` an admitted stream answers its first
-frame with `{"type":"error","error":"Internal server error"}` and closes 1011.
+frame with `{"type":"error","error":"Internal server error"}` and closes 1011; with
+`faults.slow_rate` it takes all the audio, then keeps the connection open and says nothing
+for `faults.slow_s` before it answers (a hung service).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -99,9 +102,10 @@ async def _session(ws: WebSocket, model: str) -> None:
         await ws.close(code=rej.code, reason=rej.reason)
         return
     session = _Session(ws, state, org.name, model, stream, audio_format, options)
-    inject_fault = state.draw_fault() == "5xx"  # streams only know the 5xx kind of fault
+    fault = state.draw_fault()  # streams know the 5xx and the slow kinds of fault
+    hang_s = state.config.faults.slow_s if fault == "slow" else 0.0
     try:
-        await session.run(inject_fault=inject_fault)
+        await session.run(inject_fault=fault == "5xx", hang_s=hang_s)
     except WebSocketDisconnect:
         logger.info("client left model=%s org=%s", model, org.name)
     finally:
@@ -132,7 +136,7 @@ class _Session:
             self.released = True
             self.state.release(self.org, self.model, completed=completed, fault=failure)
 
-    async def run(self, *, inject_fault: bool) -> bool:
+    async def run(self, *, inject_fault: bool, hang_s: float = 0.0) -> bool:
         """Process frames until the empty text frame; True if `done` was sent."""
         first = True
         while True:
@@ -152,6 +156,8 @@ class _Session:
                 if not await self._first_frame_config(text):
                     return False
             first = False
+        if hang_s:
+            await asyncio.sleep(hang_s)
         try:
             blocks = self.stream.finish()
         except CorruptAudio:

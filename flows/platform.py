@@ -1,13 +1,15 @@
 """Platform API jobs flow: S3 audio in groups of N files per job, submitted, polled, written.
 
 A rerun first re-attaches to the jobs an earlier run left open (recorded under the output
-root) and never posts again a file that belongs to a recorded job; it then sends what the
-ledger has not completed in new jobs.
+root) and never posts again a file of an open job; it then sends what the ledger has not
+completed in new jobs, the files of failed jobs included, each at most `max_resubmissions`
+more times.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from prefect import flow
@@ -22,10 +24,10 @@ from blocks import OrgLimits, ParquetOutput, PlatformCredentials
 from blocks.loading import load_blocks
 from modulate import PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
+from store.job_records import JobFileRecord, JobRecord, failed_submissions, load_open_records
 from tasks import output
 from tasks.batch import RunStopped
-from tasks.platform import MODEL, PlatformRun, PollSettings, poll_job, submit_job
-from tasks.platform_jobs import JobFileRecord, JobRecord, load_records
+from tasks.platform import MODEL, PlatformRun, PollSettings, WireMismatch, poll_job, submit_job
 from tasks.s3 import AudioObject, S3Input, iter_audio
 from tasks.schemas import config_hash_for
 from tasks.slots import SlotPool
@@ -33,6 +35,7 @@ from tasks.slots import SlotPool
 __all__ = ["PlatformJobOptions", "PlatformSettings", "PlatformSummary", "platform_jobs"]
 
 FINISHED = frozenset({"completed", "skipped"})
+DEFAULT_MAX_RESUBMISSIONS = 2
 
 
 class PlatformJobOptions(BaseModel):
@@ -49,6 +52,12 @@ class PlatformJobOptions(BaseModel):
     )
     poll: PollSettings = Field(
         default_factory=PollSettings, description="Status checks: backoff and per-job timeout."
+    )
+    max_resubmissions: int = Field(
+        default=DEFAULT_MAX_RESUBMISSIONS,
+        ge=0,
+        le=20,
+        description="How many more jobs a file of a failed job is sent in, over later runs.",
     )
 
 
@@ -76,6 +85,10 @@ class PlatformSummary(BaseModel):
     jobs: dict[str, int] = Field(description="Jobs by how they ended in this run.")
     jobs_submitted: int
     jobs_reattached: int
+    files_resubmitted: int = Field(description="Files of failed jobs sent again in new jobs.")
+    files_not_resubmitted: int = Field(
+        description="Files of failed jobs past max_resubmissions: left failed."
+    )
     output_root: str
 
 
@@ -90,11 +103,12 @@ async def platform_jobs(
     multi-file jobs, wait for them, and write the platform_results and files tables.
 
     Jobs left open by an earlier run (a crash, a poll timeout) are polled again, never
-    resubmitted. Posting holds the organisation's `platform` concurrent limit; waiting does not.
+    resubmitted; files of failed jobs are sent again in new jobs, a bounded number of times.
+    Posting holds the organisation's `platform` concurrent limit; waiting does not.
 
     Args:
         source: Which S3 objects to take: bucket block, prefix, glob, modified-since, max files.
-        options: Files per job, the analyses to run (flags), and how to poll.
+        options: Files per job, the analyses to run (flags), how to poll, resubmissions.
         settings: The Platform credentials, org-limits and output block names.
     """
     logger = get_run_logger()
@@ -107,11 +121,10 @@ async def platform_jobs(
     s3_client = bucket.credentials.get_s3_client()
     location = parquet.location()
     config_hash = config_hash_for({"model": MODEL, "flags": options.flags.model_dump()})
-    records = await asyncio.to_thread(load_records, location, config_hash)
+    reopen = await asyncio.to_thread(load_open_records, location, config_hash)
+    failed_before = await asyncio.to_thread(failed_submissions, location, config_hash)
     done = await asyncio.to_thread(output.read_ledger, location, MODEL, config_hash)
-    reopen = [r for r in records if not r.closed]
-    claimed = {f.file_id for r in records for f in r.files if f.posted}
-    claimed |= {f.file_id for r in reopen for f in r.files if f.error is None}
+    claimed = {f.file_id for r in reopen for f in r.files if f.posted or f.error is None}
     concurrent = limits.for_model(MODEL).concurrent
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
 
@@ -122,8 +135,10 @@ async def platform_jobs(
         run = PlatformRun(
             client=client, pool=pool, flags=options.flags, config_hash=config_hash,
             s3_client=s3_client, location=location, flow_run_id=flow_run_id,
+            credentials_block=settings.platform_credentials_block,
         )
         submitted = 0
+        resubmits = _Resubmits(failed_before, options.max_resubmissions)
         # Jobs still posting hold their audio in memory; bound them. Polling ones hold nothing.
         posting = asyncio.Semaphore(max(1, concurrent))
         try:
@@ -132,10 +147,13 @@ async def platform_jobs(
                     logger.info("re-attaching to job %s", record.job_id)
                     group.create_task(_drive(run, record, options.poll, posting))
                 listed = iter_audio(s3_client, bucket.bucket_name, source)
-                async for files in _groups(run, listed, done, claimed, options.files_per_job):
+                groups = _groups(run, listed, done, claimed, resubmits, options.files_per_job)
+                async for files in groups:
                     submitted += 1
                     record = JobRecord(config_hash=config_hash, files=files)
                     group.create_task(_drive(run, record, options.poll, posting))
+        except* WireMismatch as stopped:
+            raise RuntimeError(str(stopped.exceptions[0])) from None
         except* RunStopped as stopped:
             raise RuntimeError(
                 f"The Platform API refused the credentials ({stopped.exceptions[0]}). Set a "
@@ -147,8 +165,15 @@ async def platform_jobs(
         await asyncio.to_thread(output.compact, location, table, MODEL, [date])
     summary = PlatformSummary(
         config_hash=config_hash, files=dict(run.statuses), jobs=dict(run.jobs),
-        jobs_submitted=submitted, jobs_reattached=len(reopen), output_root=location.root,
+        jobs_submitted=submitted, jobs_reattached=len(reopen),
+        files_resubmitted=resubmits.sent, files_not_resubmitted=resubmits.exhausted,
+        output_root=location.root,
     )
+    if resubmits.exhausted:
+        logger.warning(
+            "%d files failed in more than %d jobs and were not sent again (max_resubmissions)",
+            resubmits.exhausted, options.max_resubmissions,
+        )
     await acreate_table_artifact(
         table=[{"measure": k, "value": v} for k, v in _summary_lines(summary)],
         key="modulate-platform-summary",
@@ -174,6 +199,7 @@ async def _groups(
     objects: AsyncIterator[AudioObject],
     done: dict[str, str],
     claimed: set[str],
+    resubmits: _Resubmits,
     size: int,
 ) -> AsyncIterator[list[JobFileRecord]]:
     """Files to send, `size` at a time; files the service would refuse get their row here."""
@@ -182,9 +208,12 @@ async def _groups(
     async for obj in objects:
         if done.get(obj.file_id) in FINISHED or obj.file_id in claimed:
             continue
+        submission = resubmits.next_submission(obj.file_id)
+        if submission is None:
+            continue
         f = JobFileRecord(
             file_id=obj.file_id, source_uri=obj.uri, etag=obj.etag, size_bytes=obj.size,
-            date=obj.date, filename=obj.filename,
+            date=obj.date, filename=obj.filename, submission=submission,
         )
         extension = obj.filename.rsplit(".", 1)[-1].lower() if "." in obj.filename else ""
         if extension not in PLATFORM_EXTENSIONS:
@@ -207,12 +236,31 @@ async def _groups(
     await asyncio.to_thread(run.write, "files", refused, seed)
 
 
+class _Resubmits:
+    """Which files of failed jobs go into a new job: at most `limit` more times each."""
+
+    def __init__(self, failed_jobs: Counter[str], limit: int) -> None:
+        self.failed_jobs, self.limit = failed_jobs, limit
+        self.sent = self.exhausted = 0
+
+    def next_submission(self, file_id: str) -> int | None:
+        """The file's submission number in a new job, or None when it is past the bound."""
+        failed = self.failed_jobs[file_id]
+        if failed > self.limit:
+            self.exhausted += 1
+            return None
+        self.sent += failed > 0
+        return failed + 1
+
+
 def _summary_lines(summary: PlatformSummary) -> list[tuple[str, object]]:
     lines: list[tuple[str, object]] = [(f"files {k}", v) for k, v in sorted(summary.files.items())]
     lines += [(f"jobs {k}", v) for k, v in sorted(summary.jobs.items())]
     lines += [
         ("jobs submitted", summary.jobs_submitted),
         ("jobs re-attached", summary.jobs_reattached),
+        ("files resubmitted", summary.files_resubmitted),
+        ("files not resubmitted", summary.files_not_resubmitted),
         ("config hash", summary.config_hash),
         ("output", summary.output_root),
     ]

@@ -34,6 +34,7 @@ from .models import (
     Done,
     FrameEvent,
     JobFile,
+    JobOutcome,
     JobStatus,
     PartialUtterance,
     RealtimeSession,
@@ -49,7 +50,7 @@ from .models import (
     UtteranceEvent,
     VFastTranscript,
 )
-from .platform import PlatformClient, PlatformFlags
+from .platform import PlatformClient, PlatformFlags, PlatformWire
 from .streaming import RAW_AUDIO_FORMATS, StreamingClient, StreamParams
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "FrameEvent",
     "GiveUp",
     "JobFile",
+    "JobOutcome",
     "JobStatus",
     "ModelGate",
     "ModelNotEnabled",
@@ -72,6 +74,7 @@ __all__ = [
     "PartialUtterance",
     "PlatformClient",
     "PlatformFlags",
+    "PlatformWire",
     "RealtimeSession",
     "RedactedAudioWindow",
     "Redaction",

@@ -9,12 +9,15 @@ import httpx
 
 __all__ = [
     "BATCH_EXTENSIONS",
+    "DEFAULT_BATCH_DEADLINE",
     "DEFAULT_BATCH_TIMEOUT",
     "DEFAULT_MODELS_BASE_URL",
     "DEFAULT_PLATFORM_BASE_URL",
+    "DEFAULT_PLATFORM_DEADLINE",
     "DEFAULT_PLATFORM_TIMEOUT",
     "DEFAULT_STREAM_MAX_SIZE",
     "DEFAULT_STREAM_OPEN_TIMEOUT",
+    "DEFAULT_STREAM_SILENCE_TIMEOUT",
     "MAX_BATCH_BYTES",
     "MAX_PLATFORM_BYTES",
     "MIME_TYPES",
@@ -29,7 +32,15 @@ DEFAULT_PLATFORM_BASE_URL = "https://cloud-processing-api.modulate.ai"
 # Batch inference can take long (a 60 s server limit is reported; third-party clients wait 300 s).
 DEFAULT_BATCH_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 DEFAULT_PLATFORM_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+# httpx's timeouts bound each read, not the call: a server that trickles bytes, or answers
+# slowly but never finishes, would hold a slot for ever. The whole call (send, answer, body)
+# ends within these, as Transient.
+DEFAULT_BATCH_DEADLINE = 360.0
+DEFAULT_PLATFORM_DEADLINE = 120.0
 DEFAULT_STREAM_OPEN_TIMEOUT = 10.0
+# A stream's length follows its audio, so it has no overall deadline; instead the service may
+# stay silent (no message at all) for at most this long, or the stream ends as Transient.
+DEFAULT_STREAM_SILENCE_TIMEOUT = 120.0
 # PII streaming sends MP3 windows as single binary frames; websockets' 1 MiB default is too small.
 DEFAULT_STREAM_MAX_SIZE = 64 * 1024 * 1024
 

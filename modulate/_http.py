@@ -7,6 +7,7 @@ the response is closed on any exception. Subclasses only build requests and pick
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Callable
@@ -47,9 +48,13 @@ class _BaseHTTPClient:
         api_key: SecretStr,
         base_url: str,
         timeout: httpx.Timeout,
+        deadline: float,
         http_client: httpx.AsyncClient | None,
     ) -> None:
         _check_api_key(api_key)
+        if deadline <= 0:
+            raise ValueError("deadline must be positive (seconds)")
+        self._deadline = deadline
         self._api_key = api_key
         self._base_url = base_url.rstrip("/")
         self._timeout = timeout
@@ -87,6 +92,20 @@ class _BaseHTTPClient:
                 f"Cannot send a request, as the {type(self).__name__} has been closed."
             )
         request.extensions["timeout"] = self._timeout.as_dict()
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await self._send_once(endpoint, request, parse)
+        except TimeoutError:
+            logger.debug("%s: no complete answer within %g s", endpoint, self._deadline)
+            raise Transient(
+                f"{endpoint}: no complete answer within {self._deadline:g} s",
+                endpoint=endpoint,
+                detail="deadline exceeded",
+            ) from None
+
+    async def _send_once(
+        self, endpoint: str, request: httpx.Request, parse: Callable[[httpx.Response], _T]
+    ) -> _T:
         try:
             response = await self._client.send(request)
         except httpx.HTTPError as exc:

@@ -17,6 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ._constants import (
     BATCH_EXTENSIONS,
+    DEFAULT_BATCH_DEADLINE,
     DEFAULT_BATCH_TIMEOUT,
     DEFAULT_MODELS_BASE_URL,
     MAX_BATCH_BYTES,
@@ -100,10 +101,12 @@ class BatchClient(_BaseHTTPClient):
         api_key: SecretStr,
         base_url: str = DEFAULT_MODELS_BASE_URL,
         timeout: httpx.Timeout = DEFAULT_BATCH_TIMEOUT,
+        deadline: float = DEFAULT_BATCH_DEADLINE,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         super().__init__(
-            api_key=api_key, base_url=base_url, timeout=timeout, http_client=http_client
+            api_key=api_key, base_url=base_url, timeout=timeout, deadline=deadline,
+            http_client=http_client,
         )
 
     async def transcribe(

@@ -15,6 +15,7 @@ __all__ = [
     "Done",
     "FrameEvent",
     "JobFile",
+    "JobOutcome",
     "JobStatus",
     "PartialUtterance",
     "RealtimeSession",
@@ -184,7 +185,7 @@ class Submission(_Model):
 
     job_id: str
     file_id: str | None = None
-    status: str = Field("processing", description='"accepting_files" or "processing".')
+    status: str | None = Field(None, description='E.g. "accepting_files" or "processing".')
     api_calls_charged: int | None = None
     estimated_processing_time: str | None = None
 
@@ -205,25 +206,36 @@ class RealtimeSession(_Model):
     __str__ = __repr__
 
 
-class JobFile(_Model):
-    """One file of a Platform job."""
+JobOutcome = Literal["running", "completed", "failed", "unreadable"]
 
-    file_id: str
+
+class JobFile(_Model):
+    """One file of a Platform job, as read from a flat or a nested per-file object."""
+
+    file_id: str | None = Field(None, description="The service's id of the file, when given.")
     filename: str | None = None
-    status: str
-    result: dict[str, Any] | None = Field(
-        None, repr=False, description="Raw result (may hold a transcript); schema unknown."
+    status: str | None = Field(None, description="Per-file status; None: the job's stands.")
+    outcome: JobOutcome | None = Field(None, description="`status` read; None: the job's.")
+    transcript_text: str | None = Field(None, repr=False, description="The transcript's text.")
+    result: dict[str, Any] = Field(
+        default_factory=dict, repr=False,
+        description="The per-file result (nested or flat), raw; schema unknown.",
     )
-    error: str | dict[str, Any] | None = None
+    error: str | None = None
 
 
 class JobStatus(_Model):
-    """Platform job status."""
+    """Platform job status, parsed tolerantly; `raw` is the body as it came."""
 
-    job_id: str
-    status: str = Field(description='"accepting_files", "processing", "completed" or "failed".')
+    job_id: str | None = None
+    status: str | None = Field(None, description="The job's status as the service wrote it.")
+    outcome: JobOutcome = Field(description="What the status means, read with the wire settings.")
+    problem: str | None = Field(
+        None, description="Why the body could not be read (outcome unreadable): expected, got."
+    )
     files: list[JobFile] = Field(default_factory=list)
-    error: str | dict[str, Any] | None = None
+    error: str | None = None
+    raw: Any = Field(None, repr=False, description="The decoded JSON body, whole.")
 
 
 def _without_query(url: str) -> str:

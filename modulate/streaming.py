@@ -23,6 +23,7 @@ from ._constants import (
     DEFAULT_MODELS_BASE_URL,
     DEFAULT_STREAM_MAX_SIZE,
     DEFAULT_STREAM_OPEN_TIMEOUT,
+    DEFAULT_STREAM_SILENCE_TIMEOUT,
 )
 from ._urls import redact_text, redact_url
 from .errors import Transient, classify
@@ -83,6 +84,7 @@ class StreamingClient:
         api_key: SecretStr,
         base_url: str = DEFAULT_MODELS_BASE_URL,
         open_timeout: float = DEFAULT_STREAM_OPEN_TIMEOUT,
+        silence_timeout: float = DEFAULT_STREAM_SILENCE_TIMEOUT,
         max_size: int = DEFAULT_STREAM_MAX_SIZE,
     ) -> None:
         if not isinstance(api_key, SecretStr) or not api_key.get_secret_value():
@@ -94,6 +96,7 @@ class StreamingClient:
         self._api_key = api_key
         self._ws_base = urlunsplit(parts._replace(scheme=scheme, query="", fragment=""))
         self._open_timeout = open_timeout
+        self._silence_timeout = silence_timeout
         self._max_size = max_size
 
     def url(self, endpoint: StreamEndpoint, params: StreamParams) -> str:
@@ -129,7 +132,7 @@ class StreamingClient:
             sender = asyncio.create_task(_send_audio(ws, audio))
             sender.add_done_callback(_close_on_failure(ws))
             try:
-                async for event in _receive(ws, name, endpoint == "pii"):
+                async for event in _receive(ws, name, endpoint == "pii", self._silence_timeout):
                     yield event
                     if isinstance(event, Done):
                         break
@@ -155,12 +158,22 @@ async def _send_audio(ws: Any, audio: AsyncIterable[bytes]) -> None:
     await ws.send("")
 
 
-async def _receive(ws: Any, name: str, pii: bool) -> AsyncIterator[StreamEvent]:
+async def _receive(
+    ws: Any, name: str, pii: bool, silence_timeout: float
+) -> AsyncIterator[StreamEvent]:
     pending: UtteranceEvent | Done | None = None  # PII: waiting for its binary MP3 frame
     error_text: str | None = None
     while True:
         try:
-            message = await ws.recv()
+            async with asyncio.timeout(silence_timeout):
+                message = await ws.recv()
+        except TimeoutError:
+            logger.debug("%s: silent for %g s", name, silence_timeout)
+            raise Transient(
+                f"{name}: no message from the service for {silence_timeout:g} s",
+                endpoint=name,
+                detail="silence timeout",
+            ) from None
         except websockets.exceptions.ConnectionClosed as exc:
             error = classify(endpoint=name, exc=exc, detail=error_text)
             logger.debug("%s: closed -> %s", name, type(error).__name__)

@@ -1,12 +1,15 @@
 """The `modulate-flows` command: the demo, the emulator, the org's limits, check and run.
 
 Prefect is imported inside the commands, after the settings they need are in the
-environment (a Prefect setting read at import time would ignore a later change).
+environment (a Prefect setting read at import time would ignore a later change). The demo
+and the emulator need the `local` extra (moto, fastapi, uvicorn, duckdb), which a worker's
+install does not carry; without it they say how to add it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +17,6 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from modulate_flows.bench_cli import bench
 from modulate_flows.blocks_cli import DEFAULT_BLOCK_NAME, DEFAULT_BUCKET_BLOCK_NAME, blocks_app
 from modulate_flows.console import make_console, print_rows
 from modulate_flows.platform_cli import platform_app
@@ -28,7 +30,6 @@ limits_app = typer.Typer(help="The organisation's per-model limits.", no_args_is
 app.add_typer(limits_app, name="limits")
 app.add_typer(platform_app, name="platform")
 app.add_typer(blocks_app, name="blocks")
-app.command()(bench)
 app.command()(usage)
 console = make_console()
 # The block-name options `check` and `run` share (typer names each after its parameter).
@@ -36,6 +37,9 @@ CredentialsBlock = Annotated[str, typer.Option(help="Name of the Modulate Creden
 LimitsBlock = Annotated[str, typer.Option(help="Name of the Modulate Org Limits block.")]
 OutputBlock = Annotated[str, typer.Option(help="Name of the Modulate Parquet Output block.")]
 BucketBlock = Annotated[str, typer.Option(help="Name of the input S3 Bucket block.")]
+# fastapi and uvicorn also come with prefect (its server), so moto and duckdb are what a
+# worker's install lacks; all four are listed so a missing one is named whatever pulls it in.
+LOCAL_STACK = ("moto", "fastapi", "uvicorn", "duckdb")
 
 
 @app.command()
@@ -46,6 +50,7 @@ def demo(
     files: Annotated[int, typer.Option(min=1, max=500, help="Sample calls to generate.")] = 24,
 ) -> None:
     """Run the batch flows on sample audio against a local S3 and the emulator, then summarise."""
+    _require_local_stack("demo")
     output.mkdir(parents=True, exist_ok=True)
     # A Prefect of its own under the output directory: the runs stay there to browse
     # with `prefect server start` afterwards, and nothing touches ~/.prefect.
@@ -68,6 +73,7 @@ def emulator(
     ] = None,
 ) -> None:
     """Serve the Modulate emulator on 127.0.0.1 until interrupted."""
+    _require_local_stack("emulator")
     from emulator import EmulatorConfig, serve
 
     loaded = EmulatorConfig.load(config) if config else EmulatorConfig.default()
@@ -197,3 +203,15 @@ def run(
         raise typer.Exit(2) from None
     if not state.is_completed():
         raise typer.Exit(1)
+
+
+def _require_local_stack(command: str) -> None:
+    missing = [name for name in LOCAL_STACK if importlib.util.find_spec(name) is None]
+    if missing:
+        console.print(
+            f"`modulate-flows {command}` needs the local stack, which this install lacks "
+            f"({', '.join(missing)}). Install it with `pip install \"modulate-flows[local]\"`, "
+            "or run from a checkout with `uv run modulate-flows ...` (uv installs it by default).",
+            markup=False,
+        )
+        raise typer.Exit(code=1)

@@ -1,8 +1,10 @@
 """Platform API jobs: submit S3 files as multi-file jobs, record each job, poll it, write rows.
 
-A job is recorded (tasks/platform_jobs.py) the moment the first file's response returns, and
+A job is recorded (store/job_records.py) the moment the first file's response returns, and
 again after every further file, so a crash never loses a job the service is already
 processing. Posting holds a "platform" slot of the run's SlotPool; waiting for a job holds none.
+The same refusal on several uploads in a row stops the run as a wire-settings problem; a job
+status that cannot be read ends that job's polling after a few answers, naming the setting.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from modulate import (
     AuthError,
     BadInput,
     ConcurrencyLimited,
+    JobFile,
     JobStatus,
     ModulateError,
     MonthlyLimitReached,
@@ -37,10 +40,10 @@ from modulate import (
     decide,
 )
 from modulate.limits import GiveUp
+from store.job_records import JobFileRecord, JobRecord, save_record, save_status
 from tasks import output
 from tasks.batch import RunStopped
 from tasks.output import OutputLocation
-from tasks.platform_jobs import JobFileRecord, JobRecord, save_record
 from tasks.s3 import read_object
 from tasks.slots import SlotPool
 
@@ -48,15 +51,24 @@ __all__ = [
     "MODEL",
     "PlatformRun",
     "PollSettings",
+    "WireMismatch",
     "create_realtime_session",
     "poll_job",
     "submit_job",
 ]
 
 MODEL = "platform"
-DONE_STATUSES = frozenset({"completed", "failed"})
-RUNNING_STATUSES = frozenset({"processing", "accepting_files", "queued"})
 DEFAULT_POLICY = RetryPolicy()
+# The same refusal on this many uploads in a row, with none accepted between, is a request the
+# service does not take (a wire setting), not bad files. Fewer when the refusal names a field
+# the wire settings send; a folder of corrupt audio alone takes many more.
+SAME_REFUSAL_LIMIT_NAMING_A_FIELD = 3
+SAME_REFUSAL_LIMIT = 10
+CONFIG_STATUSES = frozenset({400, 422})
+
+
+class WireMismatch(RunStopped):
+    """The service refuses what the wire settings send: the run stops, naming the setting."""
 
 
 class PollSettings(BaseModel):
@@ -78,6 +90,13 @@ class PollSettings(BaseModel):
         gt=0,
         description="Give up waiting on a job after this long; a rerun re-attaches to it.",
     )
+    unreadable_limit: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Stop polling a job after this many status answers in a row that cannot be"
+        " read with the wire settings; its record stays open for a rerun.",
+    )
 
 
 class PlatformRun:
@@ -97,6 +116,7 @@ class PlatformRun:
         s3_client: Any,
         location: OutputLocation,
         flow_run_id: str,
+        credentials_block: str,
         policy: RetryPolicy | None = None,
     ) -> None:
         self.client = client
@@ -111,6 +131,29 @@ class PlatformRun:
         self.statuses: Counter[str] = Counter()  # files by ledger status
         self.jobs: Counter[str] = Counter()  # jobs by how they ended in this run
         self.touched: set[tuple[str, str]] = set()  # (table, date) written this run
+        self.credentials_block = credentials_block
+        self._refusal: tuple[int | None, str | None] | None = None
+        self._same_refusals = 0
+
+    def note_upload(self, refused: BadInput | None) -> None:
+        """Count identical refusals in a row; stop the run when they say "not these files"."""
+        if refused is None or refused.status not in CONFIG_STATUSES:
+            self._refusal, self._same_refusals = None, 0
+            return
+        key = (refused.status, refused.detail)
+        self._same_refusals = self._same_refusals + 1 if key == self._refusal else 1
+        self._refusal = key
+        setting = self.client.wire.setting_for(refused.detail or "")
+        limit = SAME_REFUSAL_LIMIT_NAMING_A_FIELD if setting else SAME_REFUSAL_LIMIT
+        if self._same_refusals < limit:
+            return
+        where = f"; the answer names `wire.{setting}`" if setting else ""
+        raise WireMismatch(
+            f"The Platform API refused {self._same_refusals} uploads in a row with the same "
+            f"answer (HTTP {refused.status}: {refused.detail}){where}. That is the request, not "
+            "the files: check the `wire` settings of the Modulate Platform Credentials block "
+            f"{self.credentials_block!r} (docs/platform.md, Wire settings), then rerun."
+        )
 
     def write(self, table: str, rows: list[dict[str, Any]], fragment_seed: str) -> None:
         """Write one fragment (deterministic name: a rerun overwrites) and count ledger rows."""
@@ -182,6 +225,7 @@ async def submit_job(run: PlatformRun, record: JobRecord) -> JobRecord:
         except AuthError as exc:
             raise RunStopped(str(exc)) from None
         except BadInput as exc:
+            run.note_upload(exc)
             if record.job_id is not None and exc.status == 409:
                 # A rerun resumed a job the service had finalized (the crash came between
                 # the last post and its record): nothing is lost, poll it.
@@ -196,6 +240,7 @@ async def submit_job(run: PlatformRun, record: JobRecord) -> JobRecord:
             detail = str(exc) if isinstance(exc, ModulateError) else f"could not send: {f.error}"
             failed.append(run.ledger_row(f, "failed", error=exc, detail=detail))
             continue
+        run.note_upload(None)
         record.job_id = submission.job_id
         f.posted, f.platform_file_id = True, submission.file_id
         record.finalized = last
@@ -234,8 +279,9 @@ async def poll_job(run: PlatformRun, record: JobRecord, poll: PollSettings) -> s
 
     Returns:
         How the job ended here: "completed", "failed", "unknown" (the service does not know
-        it: its files fail, its record closes) or "timeout" (its files fail for now; the record
-        stays open so a rerun re-attaches).
+        it: its files fail, its record closes), "timeout" or "unreadable" (its status answers
+        could not be read with the wire settings). After the last two the files fail for now
+        and the record stays open, so a rerun re-attaches.
     """
     logger = get_run_logger()
     job_id = record.job_id
@@ -243,8 +289,7 @@ async def poll_job(run: PlatformRun, record: JobRecord, poll: PollSettings) -> s
     loop = asyncio.get_running_loop()
     deadline = loop.time() + poll.job_timeout_s
     interval = poll.initial_interval_s
-    strange: set[str] = set()
-    status: JobStatus | None = None
+    unreadable = 0
     while True:
         try:
             status = await run.client.job_status(job_id)
@@ -256,30 +301,33 @@ async def poll_job(run: PlatformRun, record: JobRecord, poll: PollSettings) -> s
         except ModulateError as exc:  # transient or limited: the deadline bounds it
             logger.info("job %s: status check failed (%s); retrying", job_id, type(exc).__name__)
         else:
-            if status.status in DONE_STATUSES:
+            if status.outcome in ("completed", "failed"):
                 break
-            if status.status not in RUNNING_STATUSES and status.status not in strange:
-                strange.add(status.status)
-                logger.warning("job %s: unexpected status %r; still waiting", job_id, status.status)
+            unreadable = unreadable + 1 if status.outcome == "unreadable" else 0
+            if unreadable:
+                logger.warning("job %s: status answer %d of %d in a row not readable: %s",
+                               job_id, unreadable, poll.unreadable_limit, status.problem)
+            if unreadable >= poll.unreadable_limit:
+                await asyncio.to_thread(save_status, run.location, job_id, status.raw)
+                detail = (f"unreadable job status: {status.problem} (fix the Platform "
+                          "Credentials block's wire settings and rerun: it re-attaches)")
+                return await _leave_open(run, record, "unreadable", "UnreadableJobStatus", detail)
         if loop.time() + interval > deadline:
             detail = f"poll timeout after {poll.job_timeout_s:g} s"
             logger.warning("job %s: %s; a rerun re-attaches to it", job_id, detail)
-            rows = [run.ledger_row(f, "failed", error="PollTimeout", detail=detail)
-                    for f in record.files if f.posted]
-            await asyncio.to_thread(run.write, "files", rows, f"timeout:{job_id}")
-            run.jobs["timeout"] += 1
-            return "timeout"
+            return await _leave_open(run, record, "timeout", "PollTimeout", detail)
         await asyncio.sleep(interval)
         interval = min(poll.max_interval_s, interval * poll.backoff)
 
+    await asyncio.to_thread(save_status, run.location, job_id, status.raw)
     results, ledger = _result_rows(run, record, status)
     await asyncio.to_thread(run.write, "platform_results", results, f"results:{job_id}")
     await asyncio.to_thread(run.write, "files", ledger, f"final:{job_id}")
-    record.closed, record.status = True, status.status
+    record.closed, record.status, record.error = True, status.outcome, status.error
     await asyncio.to_thread(save_record, run.location, record)
-    run.jobs[status.status] += 1
-    logger.info("job %s: %s (%d files)", job_id, status.status, len(ledger))
-    return status.status
+    run.jobs[status.outcome] += 1
+    logger.info("job %s: %s (%d files)", job_id, status.outcome, len(ledger))
+    return status.outcome
 
 
 @task(name="create-platform-realtime-session", cache_policy=NO_CACHE)
@@ -336,11 +384,25 @@ async def _with_policy(run: PlatformRun, send: Callable[[], Awaitable[Submission
 async def _close(
     run: PlatformRun, record: JobRecord, how: str, error_class: str, detail: str
 ) -> str:
+    """Close a job whose files all failed here (they may go into a new job on a rerun)."""
     rows = [run.ledger_row(f, "failed", error=error_class, detail=detail)
             for f in record.files if f.posted]
     await asyncio.to_thread(run.write, "files", rows, f"{how}:{record.job_id}")
+    for f in record.files:
+        f.outcome = "failed" if f.posted else None
     record.closed, record.status = True, how
     await asyncio.to_thread(save_record, run.location, record)
+    run.jobs[how] += 1
+    return how
+
+
+async def _leave_open(
+    run: PlatformRun, record: JobRecord, how: str, error_class: str, detail: str
+) -> str:
+    """Fail the job's files for now and keep its record open: a rerun re-attaches to it."""
+    rows = [run.ledger_row(f, "failed", error=error_class, detail=detail)
+            for f in record.files if f.posted]
+    await asyncio.to_thread(run.write, "files", rows, f"{how}:{record.job_id}")
     run.jobs[how] += 1
     return how
 
@@ -348,37 +410,57 @@ async def _close(
 def _result_rows(
     run: PlatformRun, record: JobRecord, status: JobStatus
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """platform_results and files rows of a finished job, one each per posted file."""
-    by_platform_id = {jf.file_id: jf for jf in status.files}
-    by_name: dict[str, list[Any]] = {}
-    for jf in status.files:
-        by_name.setdefault(jf.filename or "", []).append(jf)
+    """platform_results and files rows of a finished job, one each per posted file.
+
+    A file the status does not list takes the job's outcome and error (a failed job may list
+    no files at all); each file's `outcome` is set on the record.
+    """
+    posted = [f for f in record.files if f.posted]
+    matched = _match_files(posted, status.files)
     results: list[dict[str, Any]] = []
     ledger: list[dict[str, Any]] = []
-    for f in (f for f in record.files if f.posted):
-        jf = by_platform_id.get(f.platform_file_id or "") or next(
-            iter(by_name.get(f.filename, [])), None
-        )
-        if jf is None:
-            ledger.append(run.ledger_row(f, "failed", error="Transient",
-                                         detail="file missing from the job's status"))
-            continue
-        if jf in by_name.get(jf.filename or "", []):
-            by_name[jf.filename or ""].remove(jf)
-        ok = jf.status == "completed" and jf.result is not None
-        error = None if ok else (_error_text(jf.error) or f"file status {jf.status!r}")
-        results.append(_result_row(run, record, f, jf.status, jf.result, error))
+    for f in posted:
+        jf = matched.get(f.file_id)
+        outcome = (jf.outcome if jf is not None else None) or status.outcome
+        ok = outcome == "completed" and jf is not None and bool(jf.result)
+        if ok:
+            error = None
+        elif outcome == "completed":
+            error = "the completed job's status has no result for this file"
+        else:
+            error = ((jf.error if jf is not None else None) or status.error
+                     or f"job status {status.status!r}")
+        f.outcome = "completed" if ok else "failed"
+        results.append(_result_row(run, record, f, jf, status, error))
         ledger.append(run.ledger_row(f, "completed") if ok else
                       run.ledger_row(f, "failed", error="PlatformJobFailed", detail=error))
     return results, ledger
 
 
+def _match_files(posted: list[JobFileRecord], listed: list[JobFile]) -> dict[str, JobFile]:
+    """Pair our files with the status's: by the service's file id, then by name, then the one
+    left on each side."""
+    by_id = {jf.file_id: jf for jf in listed if jf.file_id}
+    unmatched = list(listed)
+    matched: dict[str, JobFile] = {}
+    for f in posted:
+        jf = by_id.get(f.platform_file_id or "")
+        if jf is None:
+            jf = next((j for j in unmatched if j.filename == f.filename), None)
+        if jf is not None and jf in unmatched:
+            unmatched.remove(jf)
+            matched[f.file_id] = jf
+    left = [f for f in posted if f.file_id not in matched]
+    if len(left) == 1 and len(unmatched) == 1:
+        matched[left[0].file_id] = unmatched[0]
+    return matched
+
+
 def _result_row(
-    run: PlatformRun, record: JobRecord, f: JobFileRecord, status: str,
-    result: dict[str, Any] | None, error: str | None,
+    run: PlatformRun, record: JobRecord, f: JobFileRecord, jf: JobFile | None,
+    status: JobStatus, error: str | None,
 ) -> dict[str, Any]:
-    result = result or {}
-    transcript = result.get("transcript")
+    result = jf.result if jf is not None else {}
     synthetic = result.get("synthetic_voice")
     synthetic = synthetic if isinstance(synthetic, dict) else {}
     confidence = synthetic.get("confidence")
@@ -388,14 +470,16 @@ def _result_row(
         "config_hash": run.config_hash,
         "platform_file_id": f.platform_file_id,
         "filename": f.filename,
-        "status": status,
+        "status": (jf.status if jf is not None else None) or status.status,  # as the API wrote it
         "error": error,
         "raw_json": json.dumps(result, sort_keys=True) if result else None,
-        "transcript_text": transcript.get("text") if isinstance(transcript, dict) else None,
+        "transcript_text": jf.transcript_text if jf is not None else None,
         "emotion_json": _json_or_none(result.get("emotion")),
         "demographics_json": _json_or_none(result.get("demographics")),
         "synthetic_voice_verdict": synthetic.get("verdict"),
-        "synthetic_voice_confidence": float(confidence) if confidence is not None else None,
+        "synthetic_voice_confidence": (
+            float(confidence) if isinstance(confidence, (int, float)) else None
+        ),
         "model": MODEL,
         "date": f.date,
     }
@@ -403,12 +487,6 @@ def _result_row(
 
 def _json_or_none(value: Any) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True)
-
-
-def _error_text(error: str | dict[str, Any] | None) -> str | None:
-    if error is None or isinstance(error, str):
-        return error
-    return json.dumps(error, sort_keys=True)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:

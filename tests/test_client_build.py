@@ -13,7 +13,15 @@ import pytest
 from pydantic import SecretStr
 
 import modulate
-from modulate import BadInput, CustomTerm, PlatformFlags, RedactionOptions, STTOptions
+from modulate import (
+    BadInput,
+    CustomTerm,
+    PlatformFlags,
+    PlatformWire,
+    RedactionOptions,
+    STTOptions,
+)
+from modulate._platform_parse import parse_job_status
 from modulate.batch import (
     _build_pii,
     _build_stt,
@@ -198,10 +206,11 @@ def test_realtime_session_hides_its_token() -> None:
 
 HEADERS = {"accountuuid": "acc", "apikey": "platform-key"}
 PBASE = "https://cloud-processing-api.modulate.ai"
+WIRE = PlatformWire()
 
 
 def test_platform_single_file() -> None:
-    request = _build_submit(PBASE, HEADERS, b"abc", "dir/a.wav", PlatformFlags(), None, True)
+    request = _build_submit(PBASE, WIRE, HEADERS, b"abc", "dir/a.wav", PlatformFlags(), None, True)
     assert str(request.url) == PBASE + "/api_service"
     assert request.headers["accountuuid"] == "acc" and request.headers["apikey"] == "platform-key"
     assert json.loads(request.read()) == {
@@ -215,19 +224,24 @@ def test_platform_single_file() -> None:
 
 def test_platform_multi_file_and_flags() -> None:
     flags = PlatformFlags(emotion_annotation=True, synthetic_voice_detection=True)
-    first = json.loads(_build_submit(PBASE, HEADERS, b"a", "a.mp3", flags, None, False).read())
+    first = json.loads(
+        _build_submit(PBASE, WIRE, HEADERS, b"a", "a.mp3", flags, None, False).read()
+    )
     assert first["submission_type"] == "multi_file" and first["finalize_job"] is False
     assert "job_id" not in first
     assert first["flags"] == {"emotion_annotation": True, "synthetic_voice_detection": True}
-    last = json.loads(_build_submit(PBASE, HEADERS, b"a", "b.opus", flags, "job-1", True).read())
+    last = json.loads(
+        _build_submit(PBASE, WIRE, HEADERS, b"a", "b.opus", flags, "job-1", True).read()
+    )
     assert last["submission_type"] == "multi_file"
     assert (last["job_id"], last["finalize_job"], last["file_extension"]) == ("job-1", True, "opus")
 
 
 def test_platform_realtime_and_status() -> None:
-    body = json.loads(_build_realtime(PBASE, HEADERS, PlatformFlags(demographics=True)).read())
+    request = _build_realtime(PBASE, WIRE, HEADERS, PlatformFlags(demographics=True))
+    body = json.loads(request.read())
     assert body == {"flags": {"demographics": True}, "submission_type": "realtime_websocket"}
-    request = _build_job_status(PBASE, HEADERS, "abc/../x")
+    request = _build_job_status(PBASE, WIRE, HEADERS, "abc/../x")
     assert request.method == "GET"
     assert request.url.raw_path == b"/api_service/job_status/abc%2F..%2Fx"
 
@@ -242,8 +256,54 @@ def test_platform_realtime_and_status() -> None:
 )
 def test_platform_prechecks(audio: bytes, filename: str, words: str) -> None:
     with pytest.raises(BadInput, match=words) as info:
-        _build_submit(PBASE, HEADERS, audio, filename, PlatformFlags(), None, True)
+        _build_submit(PBASE, WIRE, HEADERS, audio, filename, PlatformFlags(), None, True)
     assert info.value.endpoint == "platform"
+
+
+def test_platform_wire_settings_change_the_body() -> None:
+    wire = PlatformWire(submission_type_field=None, finalize_field="finalize",
+                        flag_names={"demographics": "speaker_demographics"})
+    body = json.loads(_build_submit(PBASE, wire, HEADERS, b"a", "a.wav",
+                                    PlatformFlags(demographics=True), "job-1", True).read())
+    assert "submission_type" not in body and body["finalize"] is True
+    assert body["flags"] == {"speaker_demographics": True}
+
+
+NESTED = {"job_id": "j", "status": "completed", "files": [
+    {"file_id": "f1", "filename": "a.wav", "status": "completed",
+     "result": {"transcript": {"text": "hello"}, "emotion": []}},
+    {"file_id": "f2", "filename": "b.wav", "status": "failed", "error": "bad audio"},
+]}
+FLAT = {"job_id": "j", "status": "DONE", "results": [
+    {"id": 7, "filename": "a.wav", "transcript": "hello", "emotion": []},
+]}
+
+
+def test_job_status_nested_and_flat_shapes_read_alike() -> None:
+    nested, flat = parse_job_status(NESTED, WIRE), parse_job_status(FLAT, WIRE)
+    assert nested.outcome == flat.outcome == "completed"
+    assert nested.files[0].transcript_text == flat.files[0].transcript_text == "hello"
+    assert nested.files[0].result == {"transcript": {"text": "hello"}, "emotion": []}
+    assert flat.files[0].result == {"transcript": "hello", "emotion": []}
+    assert flat.files[0].file_id == "7" and flat.files[0].outcome is None  # the job's stands
+    assert (nested.files[1].outcome, nested.files[1].error) == ("failed", "bad audio")
+    assert nested.raw is NESTED
+    single = parse_job_status({"status": "completed", "transcript": "hi"}, WIRE)
+    assert [f.transcript_text for f in single.files] == ["hi"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (["not", "an", "object"], "expected a JSON object"),
+        ({"state": "done"}, "wire.status_field"),
+        ({"status": "weird"}, "wire.completed_statuses"),
+        ({"status": "completed", "files": "x"}, "wire.files_fields"),
+    ],
+)
+def test_an_unreadable_job_status_names_what_was_expected(body: object, words: str) -> None:
+    status = parse_job_status(body, WIRE)
+    assert status.outcome == "unreadable" and words in (status.problem or "")
 
 
 # --- streaming URL -----------------------------------------------------------------------------

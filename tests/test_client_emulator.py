@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from modulate import (
     PartialUtterance,
     PlatformClient,
     PlatformFlags,
+    PlatformWire,
     RedactionOptions,
     StreamingClient,
     StreamParams,
@@ -79,8 +81,20 @@ def streaming(emulator: Any, key: str = VELMA_KEY) -> StreamingClient:
     return StreamingClient(api_key=SecretStr(key), base_url=emulator.url)
 
 
-def platform(emulator: Any, key: str = PLATFORM_KEY) -> PlatformClient:
-    return PlatformClient(account_uuid=ACCOUNT, api_key=SecretStr(key), base_url=emulator.url)
+# The wire settings each emulator Platform variant needs (the job-status defaults read both).
+PLATFORM_WIRES = {
+    "nested": PlatformWire(),
+    "flat": PlatformWire(single_file_type="single", multi_file_type="multi",
+                         realtime_type="realtime", finalize_field="finalize"),
+}
+
+
+def platform(
+    emulator: Any, key: str = PLATFORM_KEY, wire: PlatformWire = PLATFORM_WIRES["nested"]
+) -> PlatformClient:
+    return PlatformClient(
+        account_uuid=ACCOUNT, api_key=SecretStr(key), base_url=emulator.url, wire=wire
+    )
 
 
 async def chunks(data: bytes, size: int = 16_000) -> AsyncIterator[bytes]:
@@ -193,13 +207,17 @@ async def test_stream_audio_source_failure_reaches_the_caller(emulator: Any) -> 
         await streaming(emulator).collect("stt", broken(), StreamParams())
 
 
-async def test_platform_single_multi_realtime_status(emulator: Any) -> None:
+@pytest.mark.parametrize("variant", sorted(PLATFORM_WIRES))
+async def test_platform_single_multi_realtime_status(emulator: Any, variant: str) -> None:
+    admin_config(emulator, platform_wire=variant)
     flags = PlatformFlags(emotion_annotation=True)
-    async with platform(emulator) as client:
+    async with platform(emulator, wire=PLATFORM_WIRES[variant]) as client:
         single = await client.submit_file(WAV, "a.wav", flags=flags)
         assert single.job_id and single.status in ("processing", "accepting_files")
         status = await _until_done(client, single.job_id)
-        assert status.status == "completed" and status.files[0].result is not None
+        assert status.outcome == "completed" and status.files[0].result
+        assert status.files[0].transcript_text and status.files[0].result["emotion"]
+        assert status.raw[{"nested": "files", "flat": "results"}[variant]]
 
         first = await client.submit_file(WAV, "p1.wav", flags=flags, finalize=False)
         assert first.status == "accepting_files"
@@ -208,7 +226,7 @@ async def test_platform_single_multi_realtime_status(emulator: Any) -> None:
         )
         assert second.job_id == first.job_id
         status = await _until_done(client, first.job_id)
-        assert status.status == "completed" and len(status.files) == 2
+        assert status.outcome == "completed" and len(status.files) == 2
 
         with pytest.raises(BadInput) as info:  # 409: already finalized
             await client.submit_file(WAV, "p3.wav", flags=flags, job_id=first.job_id)
@@ -232,7 +250,7 @@ async def test_platform_single_multi_realtime_status(emulator: Any) -> None:
 async def _until_done(client: PlatformClient, job_id: str) -> Any:
     for _ in range(100):
         status = await client.job_status(job_id)
-        if status.status in ("completed", "failed"):
+        if status.outcome in ("completed", "failed"):
             return status
         await asyncio.sleep(0.05)
     raise AssertionError("job did not finish")
@@ -434,6 +452,32 @@ async def test_platform_bad_audio_and_fault(emulator: Any) -> None:
         admin_config(emulator, faults={"error_5xx_rate": 1.0})
         with pytest.raises(Transient):
             await client.submit_file(WAV, "a.wav", flags=PlatformFlags())
+
+
+# --- overall timeouts: a service that holds the connection and says nothing ---------------------
+
+HANG = {"faults": {"slow_rate": 1.0, "slow_s": 30.0}}
+
+
+async def test_a_hung_batch_call_ends_at_its_deadline_as_transient(emulator: Any) -> None:
+    admin_config(emulator, **HANG)
+    client = BatchClient(api_key=SecretStr(VELMA_KEY), base_url=emulator.url, deadline=0.5)
+    started = time.monotonic()
+    async with client:
+        with pytest.raises(Transient, match="no complete answer within 0.5 s"):
+            await client.transcribe(WAV, "a.wav")
+    assert time.monotonic() - started < 10  # bounded: the emulator would hold it 30 s
+
+
+async def test_a_silent_stream_ends_at_its_silence_timeout_as_transient(emulator: Any) -> None:
+    admin_config(emulator, **HANG)
+    client = StreamingClient(
+        api_key=SecretStr(VELMA_KEY), base_url=emulator.url, silence_timeout=0.5
+    )
+    started = time.monotonic()
+    with pytest.raises(Transient, match="no message from the service for 0.5 s"):
+        await client.collect("svd", chunks(WAV), STREAM_PARAMS["svd"])
+    assert time.monotonic() - started < 10
 
 
 # --- no key in exceptions or logs ----------------------------------------------------------------

@@ -59,16 +59,48 @@ def test_every_deployment_exists_on_the_process_pool(
     assert set(deployments) == {spec["name"] for spec in declared}
 
 
-def test_schedules_and_overlap_guard(deployments: dict[str, dict[str, Any]]) -> None:
+ONE_AT_A_TIME = {"nightly", "hourly", "platform-batch"}
+STREAMING = {
+    "stream-transcribe": "flows/streaming.py:stream_transcribe",
+    "stream-detect-synthetic-voice": "flows/streaming.py:stream_detect_synthetic_voice",
+    "stream-redact-pii": "flows/streaming.py:stream_redact_pii",
+}
+
+
+def test_schedules_ship_inactive_and_overlap_guard(
+    deployments: dict[str, dict[str, Any]], server: dict[str, str]
+) -> None:
     crons = {
         name: [s["schedule"]["cron"] for s in d["schedules"]] for name, d in deployments.items()
     }
     assert crons["nightly"] == ["0 2 * * *"]
     assert crons["hourly"] == ["15 * * * *"]
     assert crons["on-demand"] == []
-    for name in ("nightly", "hourly"):
-        assert deployments[name]["global_concurrency_limit"]["limit"] == 1
-        assert deployments[name]["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    # Deploying starts nothing: no schedule is active, so the scheduler makes no runs.
+    assert all(not s["active"] for d in deployments.values() for s in d["schedules"])
+    runs = httpx.post(f"{server['PREFECT_API_URL']}/flow_runs/filter", json={})
+    assert runs.json() == []
+    for name, deployment in deployments.items():
+        limit = deployment["global_concurrency_limit"]
+        if name in ONE_AT_A_TIME:
+            assert limit["limit"] == 1, name
+            assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+        else:
+            assert limit is None, name
+    for name, entrypoint in STREAMING.items():
+        assert deployments[name]["entrypoint"] == entrypoint
+
+
+def test_the_documented_command_activates_the_schedules(
+    deployments: dict[str, dict[str, Any]], server: dict[str, str]
+) -> None:
+    command = "prefect deployment schedule resume --all"
+    assert command in (ROOT / "docs" / "deploy.md").read_text()
+    prefect_cli(server, *command.split()[1:])
+    response = httpx.post(f"{server['PREFECT_API_URL']}/deployments/filter", json={})
+    active = {d["name"]: [s["active"] for s in d["schedules"]] for d in response.json()}
+    assert active["nightly"] == active["hourly"] == [True]
+    prefect_cli(server, "deployment", "schedule", "pause", "--all")
 
 
 def test_run_form_has_typed_fields_with_help(deployments: dict[str, dict[str, Any]]) -> None:
@@ -87,6 +119,8 @@ def test_run_form_has_typed_fields_with_help(deployments: dict[str, dict[str, An
                 assert properties[field].get("description"), (name, model, field)
         chunk = definitions["RunSettings"]["properties"]["chunk_size"]
         assert (chunk["default"], chunk["minimum"], chunk["maximum"]) == (100, 1, 1000)
+        # The form shows the code's default, not a value pinned in the yaml.
+        assert "chunk_size" not in deployments[name]["parameters"]["settings"], name
     nightly = deployments["nightly"]["parameters"]
     assert nightly["source"]["prefix"] == "calls/"
     assert nightly["settings"]["credentials_block"] == "modulate"

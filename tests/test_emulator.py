@@ -500,6 +500,29 @@ async def test_platform_multi_file_and_errors(client: httpx.AsyncClient,
     assert emu.state.stats()["platform"]["polls"] >= 4
 
 
+async def test_platform_flat_wire_variant(client: httpx.AsyncClient,
+                                          emu: RunningEmulator) -> None:
+    emu.state.patch_config({"platform_wire": "flat", "platform_job_seconds": 0.0})
+    h = PLATFORM_HEADERS
+    r = await client.post("/api_service", headers=h,
+                          json=platform_body(submission_type="multi_file"))
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "submission_type"]
+    first = (await client.post("/api_service", headers=h,
+                               json=platform_body(submission_type="multi"))).json()
+    assert first["status"] == "accepting_files"
+    await client.post("/api_service", headers=h, json=platform_body(
+        submission_type="multi", job_id=first["job_id"], finalize=True, filename="b.wav"))
+    body = await wait_status(client, first["job_id"], "done")
+    assert body["status"] == "done" and body["error_message"] is None
+    assert [set(f) >= {"id", "filename", "transcript"} for f in body["results"]] == [True, True]
+    assert all(isinstance(f["transcript"], str) and "status" not in f for f in body["results"])
+    failing = (await client.post("/api_service", headers=h,
+                                 json=platform_body(filename="will-fail.wav"))).json()
+    body = await wait_status(client, failing["job_id"], "error")
+    assert body["results"] == [] and "resubmit" in body["error_message"]
+
+
 async def test_platform_realtime(client: httpx.AsyncClient, emu: RunningEmulator) -> None:
     emu.state.patch_config({"platform_job_seconds": 0.0})
     r = await client.post("/api_service", headers=PLATFORM_HEADERS,

@@ -1,7 +1,9 @@
 """The Platform jobs flow end to end: real Prefect, moto S3, the emulator, Parquet read back.
 
-The crash test runs the flow in a child process against the session's Prefect server and
-services, SIGKILLs it while it polls, and reruns it here.
+The flow tests run against each of the emulator's Platform wire variants ("nested", "flat"),
+with the Platform Credentials block's `wire` settings the variant needs. The crash test runs
+the flow in a child process against the session's Prefect server and services, SIGKILLs it
+while it polls, and reruns it here (nested only: it takes ~45 s).
 """
 
 from __future__ import annotations
@@ -27,18 +29,32 @@ from typer.testing import CliRunner
 from blocks import PlatformCredentials
 from flows import platform_jobs
 from flows.platform import PlatformJobOptions, PlatformSettings
-from modulate import PlatformFlags
+from modulate import PlatformFlags, PlatformWire
 from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
+from store.job_records import (
+    STATE_DIR,
+    JobFileRecord,
+    JobRecord,
+    failed_submissions,
+    load_open_records,
+    save_record,
+)
 from tasks.output import OutputLocation
 from tasks.platform import PollSettings
-from tasks.platform_jobs import JobFileRecord, JobRecord, load_records, save_record
 from tasks.s3 import AudioObject, S3Input
 from tasks.schemas import config_hash_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_POLL = PollSettings(initial_interval_s=0.05, max_interval_s=0.2, job_timeout_s=20)
 FLAGS = PlatformFlags(emotion_annotation=True, demographics=True, synthetic_voice_detection=True)
+# What a user sets in the block's `wire` group for each emulator variant. The job-status
+# defaults read both shapes; only the submission values and the finalize field differ.
+WIRES = {
+    "nested": PlatformWire(),
+    "flat": PlatformWire(single_file_type="single", multi_file_type="multi",
+                         realtime_type="realtime", finalize_field="finalize"),
+}
 CHILD = """
 import asyncio, json, sys
 from flows.platform import PlatformJobOptions, PlatformSettings, platform_jobs
@@ -64,7 +80,21 @@ def emulator(services) -> Iterator[Callable[..., Any]]:
         return response.json()
 
     yield call
-    call("PATCH", "/config", {"platform_job_seconds": 1.0})
+    call("PATCH", "/config", {"platform_job_seconds": 1.0, "platform_wire": "nested"})
+
+
+@pytest.fixture(params=sorted(WIRES))
+async def variant(request, org_env, emulator) -> str:
+    """The emulator serves this Platform wire variant; the org's block has its settings."""
+    emulator("PATCH", "/config", {"platform_wire": request.param})
+    await set_wire(org_env, WIRES[request.param])
+    return str(request.param)
+
+
+async def set_wire(env, wire: PlatformWire) -> None:
+    block = await PlatformCredentials.aload(env.block)
+    block.wire = wire
+    await block.save(env.block, overwrite=True)
 
 
 def job_seconds(emulator: Callable[..., Any], seconds: float) -> None:
@@ -104,12 +134,15 @@ def ledger(env) -> pd.DataFrame:
     return rows.set_index("name")
 
 
-def records(env) -> list[JobRecord]:
-    location = OutputLocation(root=str(env.output))
-    return load_records(location, ledger(env).config_hash.iloc[0])
+def records(env, *kinds: str) -> list[JobRecord]:
+    """Every job record under `open/`, `failed/` or `closed/` (all three by default)."""
+    root = env.output / STATE_DIR
+    kinds = kinds or ("open", "failed", "closed")
+    paths = sorted(path for kind in kinds for path in root.glob(f"{kind}/*.json"))
+    return [JobRecord.model_validate_json(p.read_text()) for p in paths]
 
 
-async def test_multi_file_jobs_complete_with_every_result(org_env, emulator) -> None:
+async def test_multi_file_jobs_complete_with_every_result(org_env, emulator, variant) -> None:
     job_seconds(emulator, 0.2)
     names = [f"call-{i}.wav" for i in range(7)]
     org_env.services.upload(org_env.bucket, wavs(names) | {"in/notes.txt": b"not audio"})
@@ -123,16 +156,20 @@ async def test_multi_file_jobs_complete_with_every_result(org_env, emulator) -> 
 
     results = pd.read_parquet(org_env.output / "platform_results")
     assert sorted(results.groupby("job_id").size()) == [1, 3, 3]
-    assert set(results.status) == {"completed"}
+    assert set(results.status) == {"completed" if variant == "nested" else "done"}  # its words
     assert results.transcript_text.str.len().min() > 0
     assert results.emotion_json.notna().all() and results.demographics_json.notna().all()
     assert set(results.synthetic_voice_verdict) <= {"synthetic", "non-synthetic"}
-    assert json.loads(results.raw_json.iloc[0])["transcript"]["text"]
+    transcript = json.loads(results.raw_json.iloc[0])["transcript"]
+    assert transcript if variant == "flat" else transcript["text"]
     rows = ledger(org_env)
     assert rows.loc[names, "status"].eq("completed").all()
     assert rows.loc["notes.txt", "status"] == "skipped"
     assert set(rows.model) == {"platform"}
     assert all(r.closed and r.status == "completed" for r in records(org_env))
+    assert len(records(org_env, "closed")) == 3 and not records(org_env, "open")
+    statuses = sorted((org_env.output / STATE_DIR / "status").glob("*.json"))
+    assert len(statuses) == 3  # the raw JSON of each job's last status answer
 
     # A rerun sends nothing and creates no job.
     again = await run(org_env)
@@ -141,28 +178,43 @@ async def test_multi_file_jobs_complete_with_every_result(org_env, emulator) -> 
     assert len(pd.read_parquet(org_env.output / "platform_results")) == 7
 
 
-async def test_a_failed_job_fails_its_file_and_keeps_the_others(org_env, emulator) -> None:
+async def test_a_failed_job_keeps_its_error_and_reruns_resubmit_a_bounded_number_of_times(
+    org_env, emulator, variant
+) -> None:
     job_seconds(emulator, 0.0)
     org_env.services.upload(org_env.bucket, wavs(["a.wav", "b-fail.wav", "c.wav"]))
 
-    state = await run(org_env)
+    state = await run(org_env, max_resubmissions=1)
     assert state.name == "Completed with failures"
     rows = ledger(org_env)
     assert rows.loc["b-fail.wav", "status"] == "failed"
-    assert "b-fail.wav" in rows.loc["b-fail.wav", "error_detail"]
-    assert rows.loc[["a.wav", "c.wav"], "status"].eq("completed").all()
-    results = pd.read_parquet(org_env.output / "platform_results").set_index("filename")
-    assert results.loc["b-fail.wav", "status"] == "failed"
-    [record] = records(org_env)
+    assert "Processing failed for b-fail.wav" in rows.loc["b-fail.wav", "error_detail"]
+    # nested: per-file status, the others completed; flat: the failed job lists no files,
+    # so all three fail with the service's own text.
+    again = ["b-fail.wav"] if variant == "nested" else ["a.wav", "b-fail.wav", "c.wav"]
+    assert sorted(rows.index[rows.status == "failed"]) == again
+    assert set(rows.loc[rows.status == "failed", "error_class"]) == {"PlatformJobFailed"}
+    [record] = records(org_env, "failed")
     assert record.closed and record.status == "failed"
+    assert "Processing failed" in record.error
 
-    # A file of a recorded job is never sent again, failed or not.
+    # A rerun sends the failed job's failed files again, in a new job; once only here.
     before = platform_stats(emulator)["submissions"]
-    await run(org_env)
+    state = await run(org_env, max_resubmissions=1)
+    assert platform_stats(emulator)["submissions"] - before == len(again)
+    summary = await state.aresult()
+    assert summary.files_resubmitted == len(again) and summary.jobs_submitted == 1
+    assert {f.submission for r in records(org_env, "failed") for f in r.files} == {1, 2}
+    before = platform_stats(emulator)["submissions"]
+    state = await run(org_env, max_resubmissions=1)
     assert platform_stats(emulator)["submissions"] == before
+    summary = await state.aresult()
+    assert summary.files_not_resubmitted == len(again) and summary.jobs_submitted == 0
 
 
-async def test_poll_timeout_leaves_the_job_open_and_a_rerun_reattaches(org_env, emulator) -> None:
+async def test_poll_timeout_leaves_the_job_open_and_a_rerun_reattaches(
+    org_env, emulator, variant
+) -> None:
     job_seconds(emulator, 60.0)
     org_env.services.upload(org_env.bucket, wavs(["a.wav", "b.wav"]))
     short = PollSettings(initial_interval_s=0.05, max_interval_s=0.1, job_timeout_s=0.5)
@@ -175,7 +227,7 @@ async def test_poll_timeout_leaves_the_job_open_and_a_rerun_reattaches(org_env, 
     rows = ledger(org_env)
     assert set(rows.status) == {"failed"}
     assert set(rows.error_detail) == {"poll timeout after 0.5 s"}
-    [record] = records(org_env)
+    [record] = records(org_env, "open")
     assert record.finalized and not record.closed
 
     job_seconds(emulator, 0.0)
@@ -203,7 +255,7 @@ async def test_crash_mid_poll_reattaches_without_resubmitting(org_env, emulator)
         "PREFECT_LOGGING_TO_API_ENABLED": "false",
     }
     polls = platform_stats(emulator)["polls"]
-    state_dir = org_env.output / "_state" / "platform_jobs"
+    state_dir = org_env.output / STATE_DIR / "open"
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -267,11 +319,11 @@ async def test_five_mb_limit_and_unknown_job(org_env, emulator) -> None:
     assert rows.loc["gone.wav", "status"] == "failed"
     assert "unknown" in rows.loc["gone.wav", "error_detail"]
     assert rows.loc["ok.wav", "status"] == "completed"
-    closed = {r.job_id: r.status for r in load_records(location, hash_)}
+    closed = {r.job_id: r.status for r in records(org_env, "failed")}
     assert closed["00000000-dead-4000-8000-000000000000"] == "unknown"
 
 
-async def test_a_refused_last_file_still_finalizes_the_job(org_env, emulator) -> None:
+async def test_a_refused_last_file_still_finalizes_the_job(org_env, emulator, variant) -> None:
     job_seconds(emulator, 0.0)
     # In name order the corrupt file is the job's last: the service refuses it (400).
     files = wavs(["a.wav", "b.wav"]) | {"in/z-corrupt.wav": b"RIFX" + bytes(4096)}
@@ -287,6 +339,89 @@ async def test_a_refused_last_file_still_finalizes_the_job(org_env, emulator) ->
     assert record.finalized and record.closed
     results = pd.read_parquet(org_env.output / "platform_results")
     assert sorted(results.filename) == ["a.wav", "b.wav"]
+
+
+async def test_the_same_refusal_in_a_row_stops_the_run_naming_the_wire_setting(
+    org_env, emulator
+) -> None:
+    """Default wire settings against a service that takes other submission_type values."""
+    job_seconds(emulator, 0.0)
+    emulator("PATCH", "/config", {"platform_wire": "flat"})
+    org_env.services.upload(org_env.bucket, wavs([f"call-{i}.wav" for i in range(8)]))
+    before = platform_stats(emulator)["submissions"]
+
+    state = await run(org_env, files_per_job=2)
+    assert state.is_failed()
+    message = state.message or ""
+    assert "wire.submission_type_field" in message and org_env.block in message
+    assert "3 uploads in a row" in message
+    # Stopped after the third identical refusal (the posting jobs run at once: a few more).
+    assert platform_stats(emulator)["submissions"] - before < 8
+
+    await set_wire(org_env, WIRES["flat"])
+    state = await run(org_env, files_per_job=2)
+    assert state.name == "Completed", state.message
+    assert set(ledger(org_env).status) == {"completed"}
+
+
+async def test_an_unreadable_job_status_ends_polling_and_a_fixed_rerun_reattaches(
+    org_env, emulator
+) -> None:
+    job_seconds(emulator, 0.0)
+    emulator("PATCH", "/config", {"platform_wire": "flat"})
+    await set_wire(org_env, WIRES["flat"].model_copy(update={"status_field": "state"}))
+    org_env.services.upload(org_env.bucket, wavs(["a.wav", "b.wav"]))
+    slow = PollSettings(initial_interval_s=0.05, max_interval_s=0.1, job_timeout_s=600)
+
+    started = time.monotonic()
+    state = await run(org_env, poll=slow)
+    assert time.monotonic() - started < 60  # not the 600 s job timeout
+    assert state.name == "Completed with failures"
+    rows = ledger(org_env)
+    assert set(rows.error_class) == {"UnreadableJobStatus"}
+    detail = rows.error_detail.iloc[0]
+    assert "'state'" in detail and "wire.status_field" in detail and "'status'" in detail
+    [record] = records(org_env, "open")
+    raw = json.loads((org_env.output / STATE_DIR / "status" / f"{record.job_id}.json").read_text())
+    assert raw["status"] == "done"  # the body as it came, kept beside the record
+
+    await set_wire(org_env, WIRES["flat"])
+    submissions = platform_stats(emulator)["submissions"]
+    state = await run(org_env, poll=slow)
+    assert state.name == "Completed", state.message
+    assert (await state.aresult()).jobs_reattached == 1
+    assert platform_stats(emulator)["submissions"] == submissions
+    assert set(ledger(org_env).status) == {"completed"}
+
+
+def test_reattach_reads_only_open_jobs(tmp_path: Path) -> None:
+    """Closed records are never opened at start-up (these ones would not even parse), and
+    records of the earlier flat layout move into `open/`, `failed/` or `closed/` once."""
+    location = OutputLocation(root=str(tmp_path))
+    state = tmp_path / STATE_DIR
+
+    def record(job_id: str, **kw: Any) -> JobRecord:
+        f = JobFileRecord(file_id=f"f-{job_id}", source_uri=f"s3://b/{job_id}.wav", etag="e",
+                          size_bytes=1, date="2026-12-01", filename=f"{job_id}.wav", posted=True)
+        return JobRecord(job_id=job_id, config_hash="h", files=[f], finalized=True, **kw)
+
+    (state / "closed").mkdir(parents=True)
+    for i in range(50):
+        (state / "closed" / f"done-{i}.json").write_text("not json: must never be read")
+    save_record(location, record("open-1"))
+    failed = record("failed-1", closed=True, status="failed")
+    failed.files[0].outcome = "failed"
+    save_record(location, failed)
+    (state / "legacy-1.json").write_text(record("legacy-1").model_dump_json())
+
+    assert sorted(r.job_id for r in load_open_records(location, "h")) == ["legacy-1", "open-1"]
+    assert not (state / "legacy-1.json").exists()
+    assert load_open_records(location, "other-config") == []
+    assert failed_submissions(location, "h") == {"f-failed-1": 1}
+    done = record("open-1", closed=True, status="completed")
+    done.files[0].outcome = "completed"
+    save_record(location, done)  # closing moves it out of open/
+    assert [r.job_id for r in load_open_records(location, "h")] == ["legacy-1"]
 
 
 def _config_hash() -> str:
