@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blocks import OrgLimits, ParquetOutput, PlatformCredentials
 from blocks.loading import load_blocks
-from modulate import PlatformFlags
+from modulate import ModelGate, PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
 from store.job_records import JobFileRecord, JobRecord, failed_submissions, load_open_records
 from tasks import output
@@ -132,8 +132,12 @@ async def platform_jobs(
         SlotPool(limits.limit_name(MODEL), fallback_limit=concurrent) as pool,
         credentials.platform_client() as client,
     ):
+        gate = ModelGate(
+            model=MODEL, declared=concurrent, org=limits.organization,
+            source=f"limits block {settings.limits_block!r}",
+        )
         run = PlatformRun(
-            client=client, pool=pool, flags=options.flags, config_hash=config_hash,
+            client=client, pool=pool, gate=gate, flags=options.flags, config_hash=config_hash,
             s3_client=s3_client, location=location, flow_run_id=flow_run_id,
             credentials_block=settings.platform_credentials_block,
         )

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import random
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -27,19 +26,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from modulate import (
     AuthError,
     BadInput,
-    ConcurrencyLimited,
+    Deferred,
     JobFile,
     JobStatus,
+    ModelGate,
     ModulateError,
-    MonthlyLimitReached,
     PlatformClient,
     PlatformFlags,
     RealtimeSession,
     RetryPolicy,
     Submission,
-    decide,
+    call_with_retries,
 )
-from modulate.limits import GiveUp
 from store.job_records import JobFileRecord, JobRecord, save_record, save_status
 from tasks import output
 from tasks.batch import RunStopped
@@ -111,6 +109,7 @@ class PlatformRun:
         *,
         client: PlatformClient,
         pool: SlotPool,
+        gate: ModelGate,
         flags: PlatformFlags,
         config_hash: str,
         s3_client: Any,
@@ -121,6 +120,8 @@ class PlatformRun:
     ) -> None:
         self.client = client
         self.pool = pool
+        self.gate = gate
+        gate.listeners.append(pool.set_ceiling)
         self.flags = flags
         self.config_hash = config_hash
         self.s3_client = s3_client
@@ -217,10 +218,11 @@ async def submit_job(run: PlatformRun, record: JobRecord) -> JobRecord:
         try:
             audio = await read_object(run.s3_client, *_bucket_key(f.source_uri))
             submission = await _post(run, f, audio, record.job_id, finalize=last)
-        except MonthlyLimitReached as exc:
+        except Deferred as exc:
+            status = "deferred_quota" if exc.kind == "quota" else "deferred_concurrency"
             for rest in pending[i:]:
                 rest.error = "deferred"
-                failed.append(run.ledger_row(rest, "deferred_quota", error=exc))
+                failed.append(run.ledger_row(rest, status, error="Deferred", detail=exc.reason))
             break
         except AuthError as exc:
             raise RunStopped(str(exc)) from None
@@ -355,28 +357,12 @@ async def _post(
 
 
 async def _with_policy(run: PlatformRun, send: Callable[[], Awaitable[Submission]]) -> Submission:
-    """One POST under a slot, retried per the policy; waits hold no slot."""
-    started = time.monotonic()
-    transient = 0
+    """One POST under a slot and the run's gate, through the one retry loop."""
     run.pool.add_demand(1)
     try:
-        while True:
-            async with run.pool.slot():
-                try:
-                    return await send()
-                except (AuthError, BadInput, MonthlyLimitReached):
-                    raise
-                except ModulateError as exc:
-                    error = exc
-            if not isinstance(error, ConcurrencyLimited):
-                transient += 1
-            elapsed = time.monotonic() - started
-            decision = decide(run.policy, error, transient, elapsed, run.rng)
-            # decide() retries "too many at once" without end (a batch run has a breaker for
-            # that); here the policy's total budget bounds it too.
-            if isinstance(decision, GiveUp) or elapsed > run.policy.max_total_s:
-                raise error
-            await asyncio.sleep(decision.wait)
+        return await call_with_retries(
+            send, gate=run.gate, policy=run.policy, slot=run.pool.slot, rng=run.rng
+        )
     finally:
         run.pool.add_demand(-1)
 
