@@ -18,15 +18,15 @@ from prefect.states import Completed, State
 from prefect_aws import S3Bucket
 from pydantic import BaseModel, ConfigDict, Field
 
+import store as output
 from blocks import OrgLimits, ParquetOutput, PlatformCredentials
 from modulate import PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
-from tasks import output
+from store.tables import config_hash_for
 from tasks.batch import RunStopped
 from tasks.platform import MODEL, PlatformRun, PollSettings, poll_job, submit_job
 from tasks.platform_jobs import JobFileRecord, JobRecord, load_records
 from tasks.s3 import AudioObject, S3Input, iter_audio
-from tasks.schemas import config_hash_for
 from tasks.slots import SlotPool
 
 __all__ = ["PlatformJobOptions", "PlatformSettings", "PlatformSummary", "platform_jobs"]

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
+import store as output
 from modulate import (
     AuthError,
     BadInput,
@@ -37,9 +38,8 @@ from modulate import (
     decide,
 )
 from modulate.limits import GiveUp
-from tasks import output
+from store.location import OutputLocation
 from tasks.batch import RunStopped
-from tasks.output import OutputLocation
 from tasks.platform_jobs import JobFileRecord, JobRecord, save_record
 from tasks.s3 import read_object
 from tasks.slots import SlotPool

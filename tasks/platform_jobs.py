@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 
-from tasks.output import OutputLocation
+from store.location import OutputLocation
 
 __all__ = ["STATE_DIR", "JobFileRecord", "JobRecord", "load_records", "save_record"]
 

@@ -1,4 +1,4 @@
-"""docs/data.md stays true: its column tables match tasks/schemas.py and its examples run.
+"""docs/data.md stays true: its column tables match store/tables.py and its examples run.
 
 The examples run against Parquet from a real transcription and synthetic-voice run (moto S3,
 the emulator, real Prefect), with `ROOT` pointing at the output directory.
@@ -45,7 +45,7 @@ def test_column_tables_are_up_to_date() -> None:
 
 
 def test_every_table_and_column_is_documented() -> None:
-    from tasks.schemas import TABLES
+    from store.tables import TABLES
 
     text = (DOCS / "data.md").read_text()
     for name, (schema, _) in TABLES.items():

@@ -30,11 +30,11 @@ from flows.platform import PlatformJobOptions, PlatformSettings
 from modulate import PlatformFlags
 from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
-from tasks.output import OutputLocation
+from store.location import OutputLocation
 from tasks.platform import PollSettings
 from tasks.platform_jobs import JobFileRecord, JobRecord, load_records, save_record
 from tasks.s3 import AudioObject, S3Input
-from tasks.schemas import config_hash_for
+from store.tables import config_hash_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_POLL = PollSettings(initial_interval_s=0.05, max_interval_s=0.2, job_timeout_s=20)
@@ -43,7 +43,7 @@ CHILD = """
 import asyncio, json, sys
 from flows.platform import PlatformJobOptions, PlatformSettings, platform_jobs
 from tasks.s3 import AudioObject, S3Input
-from tasks.schemas import config_hash_for
+from store.tables import config_hash_for
 args = json.loads(sys.argv[1])
 asyncio.run(platform_jobs(
     source=S3Input.model_validate(args["source"]),
