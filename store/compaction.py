@@ -53,6 +53,9 @@ ROW_GROUP_ROWS = 131_072
 # A second compactor of the same partition waits this long, then leaves the partition to
 # the next run (nothing is lost: its fragments stay readable and are compacted later).
 LOCK_WAIT_SECONDS = 600.0
+# Ledger rows written this long before a child table's last compaction are decided again
+# at its next one: a write that began before that compaction may have ended after it.
+RECHECK_NS = 600 * 10**9
 _SEP = "\x1f"
 _ATTEMPT_COLUMNS = ("status", "finished_at", "flow_run_id")
 
@@ -124,6 +127,8 @@ class _Partition:
         if not fragments and len(segments) <= MAX_SEGMENTS:
             return
         touched = self._touched(fragments)
+        if self.table_name in CHILD_TABLES and segments:
+            touched = self._with_ledger_changes(touched, max(s.written_ns for s in segments))
         keep_rows, lost = self._winners(sources, touched)
         rewrite = fragments + [s for s in segments if s.order in lost]
         kept = [s for s in segments if s.order not in lost]
@@ -162,6 +167,28 @@ class _Partition:
         for source in fragments:
             for batch in self._batches(source, self.group):
                 keys.update(_group_key(batch, self.group).to_pylist())
+        return pa.array(sorted(keys), pa.string())
+
+    def _with_ledger_changes(self, touched: pa.Array, since_ns: int) -> pa.Array:
+        """Add the keys of ``files`` rows written since this table's segments were.
+
+        A new ledger row can change a key's winner with no new child rows (an attempt that
+        completed with none in this table): its rows in the segments are decided again.
+        """
+        directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
+        schema = file_schema(LEDGER_TABLE)
+        keys = set(touched.to_pylist())
+        for info in data_files(self.fs, directory):
+            with self.fs.open_input_file(info.path) as handle:
+                reader = pq.ParquetFile(handle)
+                if written_at(reader.schema_arrow, info.mtime_ns or 0) <= since_ns - RECHECK_NS:
+                    continue
+                for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=list(self.group)):
+                    batch = pa.RecordBatch.from_arrays(
+                        [batch[c].cast(schema.field(c).type) for c in self.group],
+                        names=list(self.group),
+                    )
+                    keys.update(_group_key(batch, self.group).to_pylist())
         return pa.array(sorted(keys), pa.string())
 
     def _winners(

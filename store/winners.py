@@ -49,7 +49,9 @@ def rank_order(table: pa.Table, tie_breaks: tuple[str, ...] = ()) -> pa.Table:
     ranked = table.append_column(
         "_completed", pc.equal(table["status"], COMPLETED).fill_null(False).cast(pa.int8())
     )
-    finished = pc.fill_null(table["finished_at"].cast(pa.int64()), NO_TIME)
+    # In nanoseconds, the unit of a fragment's written-at stamp it is compared with.
+    micros = table["finished_at"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    finished = pc.fill_null(pc.multiply(micros, 1000), NO_TIME)
     ranked = ranked.append_column("_finished", finished)
     ranked = ranked.append_column("_attempt", pc.fill_null(table["flow_run_id"], ""))
     order = ["_completed", "_finished", "_attempt", *tie_breaks]
