@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -49,13 +50,15 @@ logger = logging.getLogger(__name__)
 SEGMENT_PREFIX = "part-compacted-"
 MAX_SEGMENTS = 8
 BATCH_ROWS = 65_536
-ROW_GROUP_ROWS = 131_072
+ROW_GROUP_ROWS = 65_536
 # A second compactor of the same partition waits this long, then leaves the partition to
 # the next run (nothing is lost: its fragments stay readable and are compacted later).
 LOCK_WAIT_SECONDS = 600.0
-# Ledger rows written this long before a child table's last compaction are decided again
-# at its next one: a write that began before that compaction may have ended after it.
-RECHECK_NS = 600 * 10**9
+# A segment's metadata: when the compaction that wrote it began. Ledger rows written after
+# that (less RECHECK_NS: a write that began before it may have ended after it read the
+# ledger) are decided again at a child table's next compaction.
+COMPACTED_AT_KEY = b"modulate:compacted_at_ns"
+RECHECK_NS = 60 * 10**9
 _SEP = "\x1f"
 _ATTEMPT_COLUMNS = ("status", "finished_at", "flow_run_id")
 
@@ -95,6 +98,7 @@ class _Source:
     written_ns: int
     segment: bool
     columns: frozenset[str]
+    compacted_ns: int  # when the compaction that wrote a segment began
 
 
 class _Partition:
@@ -119,6 +123,7 @@ class _Partition:
         self.group = group_columns(table_name)
 
     def compact(self) -> None:
+        self.started_ns = time.time_ns()
         sources = self._sources()
         if sources is None:
             return
@@ -128,7 +133,8 @@ class _Partition:
             return
         touched = self._touched(fragments)
         if self.table_name in CHILD_TABLES and segments:
-            touched = self._with_ledger_changes(touched, max(s.written_ns for s in segments))
+            since = max(s.compacted_ns for s in segments)
+            touched = self._with_ledger_changes(touched, since)
         keep_rows, lost = self._winners(sources, touched)
         rewrite = fragments + [s for s in segments if s.order in lost]
         kept = [s for s in segments if s.order not in lost]
@@ -152,22 +158,25 @@ class _Partition:
                 )
                 return None
             stamp = written_at(stored, info.mtime_ns or 0)
+            compacted = int((stored.metadata or {}).get(COMPACTED_AT_KEY, stamp))
             segment = info.base_name.startswith(SEGMENT_PREFIX)
-            found.append((stamp, info.base_name, info, segment, frozenset(stored.names)))
+            names = frozenset(stored.names)
+            found.append((stamp, info.base_name, info, segment, names, compacted))
         found.sort(key=lambda item: (item[0], item[1]))
         return [
-            _Source(info, order, stamp, segment, names)
-            for order, (stamp, _, info, segment, names) in enumerate(found)
+            _Source(info, order, stamp, segment, names, compacted)
+            for order, (stamp, _, info, segment, names, compacted) in enumerate(found)
         ]
 
     # pass 1: who wins
 
     def _touched(self, fragments: list[_Source]) -> pa.Array:
-        keys: set[str] = set()
-        for source in fragments:
-            for batch in self._batches(source, self.group):
-                keys.update(_group_key(batch, self.group).to_pylist())
-        return pa.array(sorted(keys), pa.string())
+        keys = [
+            pc.unique(_group_key(batch, self.group))
+            for source in fragments
+            for batch in self._batches(source, self.group)
+        ]
+        return _unique(keys)
 
     def _with_ledger_changes(self, touched: pa.Array, since_ns: int) -> pa.Array:
         """Add the keys of ``files`` rows written since this table's segments were.
@@ -177,7 +186,7 @@ class _Partition:
         """
         directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
         schema = file_schema(LEDGER_TABLE)
-        keys = set(touched.to_pylist())
+        keys = [touched]
         for info in data_files(self.fs, directory):
             with self.fs.open_input_file(info.path) as handle:
                 reader = pq.ParquetFile(handle)
@@ -188,8 +197,8 @@ class _Partition:
                         [batch[c].cast(schema.field(c).type) for c in self.group],
                         names=list(self.group),
                     )
-                    keys.update(_group_key(batch, self.group).to_pylist())
-        return pa.array(sorted(keys), pa.string())
+                    keys.append(pc.unique(_group_key(batch, self.group)))
+        return _unique(keys)
 
     def _winners(
         self, sources: list[_Source], touched: pa.Array
@@ -253,15 +262,23 @@ class _Partition:
     ) -> tuple[dict[int, pa.Array], set[int]]:
         attempts: list[tuple[str, str, int, int]] = []
         for source in sources:
-            seen: set[tuple[str, str]] = set()
+            distinct = []
             for batch in self._batches(source, (*self.group, "flow_run_id")):
                 gk = _group_key(batch, self.group)
+                pairs = pa.table({"_gk": gk, "_attempt": pc.fill_null(batch["flow_run_id"], "")})
                 if source.segment:
-                    mask = pc.is_in(gk, value_set=touched)
-                    batch, gk = batch.filter(mask), gk.filter(mask)
-                attempt = pc.fill_null(batch["flow_run_id"], "")
-                seen.update(zip(gk.to_pylist(), attempt.to_pylist(), strict=True))
-            attempts += [(k, a, source.order, source.written_ns) for k, a in seen]
+                    pairs = pairs.filter(pc.is_in(gk, value_set=touched))
+                distinct.append(pairs.group_by(["_gk", "_attempt"]).aggregate([]))
+            if not distinct:
+                continue
+            pairs = pa.concat_tables(distinct)
+            pairs = pairs.group_by(["_gk", "_attempt"], use_threads=False).aggregate([])
+            attempts += [
+                (key, attempt, source.order, source.written_ns)
+                for key, attempt in zip(
+                    pairs["_gk"].to_pylist(), pairs["_attempt"].to_pylist(), strict=True
+                )
+            ]
         chosen = child_winners(self._ledger(touched), attempts)
         keep: dict[int, set[str]] = {}
         lost: set[int] = set()
@@ -314,7 +331,9 @@ class _Partition:
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
         target = f"{self.directory}/{SEGMENT_PREFIX}{digest}-0.parquet"
         newest = max(s.written_ns for s in rewrite)
-        schema = self.schema.with_metadata({WRITTEN_AT_KEY: str(newest).encode()})
+        schema = self.schema.with_metadata(
+            {WRITTEN_AT_KEY: str(newest).encode(), COMPACTED_AT_KEY: str(self.started_ns).encode()}
+        )
         # A temporary name on S3 too: a streamed upload that fails half-way must never be
         # completed under a name readers see; the rename there is one server-side copy.
         path = f"{self.directory}/_tmp-{uuid.uuid4().hex}.parquet"
@@ -393,6 +412,12 @@ class _Partition:
                 ]
                 fields = [self.schema.field(c) for c in columns]
                 yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _unique(arrays: list[pa.Array]) -> pa.Array:
+    if not arrays:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array(arrays, pa.string()).combine_chunks())
 
 
 def _group_key(batch: pa.RecordBatch, group: tuple[str, ...]) -> pa.Array:
