@@ -125,7 +125,7 @@ def synthesise(root: Path) -> dict[str, Any]:
     rng = np.random.default_rng(SEED)
     per = HISTORY_ROWS // HISTORY_PARTITIONS
     statuses = np.array(["completed"] * 9 + ["failed"])
-    stamp = time.time_ns() - 10**12
+    stamp = time.time_ns() - 86_400 * 10**9  # written a day ago
     for p in range(HISTORY_PARTITIONS):
         date = (np.datetime64("2025-06-01") + p).astype(str)
         ids = _hex_ids(rng, per)
@@ -223,6 +223,10 @@ def _compact_new(root: str) -> None:
     compact(OutputLocation(root=root), "utterances", MODEL, [BIG_DATE])
 
 
+def _compact_files(root: str) -> None:
+    compact(OutputLocation(root=root), "files", MODEL, [BIG_DATE])
+
+
 def _compact_old(root: str) -> None:
     _old_compact_partition(str(_partition(Path(root), "utterances", BIG_DATE)), "utterances")
 
@@ -232,6 +236,7 @@ CHILD_TASKS: dict[str, Callable[[str], None]] = {
     "lookup-old": _lookup_old,
     "compact-new": _compact_new,
     "compact-old": _compact_old,
+    "compact-files": _compact_files,
 }
 
 
@@ -297,13 +302,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"old compaction: {results['compact_old_2m_fragments']}", flush=True)
             shutil.rmtree(copy)
         results["compact_new_2m_fragments"] = _measure("compact-new", history)
+        results["compact_files_100k_fragments"] = _measure("compact-files", history)
         print(f"new compaction, 2M rows from fragments: {results['compact_new_2m_fragments']}",
               flush=True)
+        # As a run does: its files partition is compacted first (tables in name order).
         _add_fragment(history, _run_ids(RUN_FILES), "run-next", "part-next-0.parquet")
+        _measure("compact-files", history)
         results["compact_new_plus_1000_new_files"] = _measure("compact-new", history)
         print(f"new compaction, +1,000 new files: {results['compact_new_plus_1000_new_files']}",
               flush=True)
         _add_fragment(history, info["big_ids"], "run-again", "part-again-0.parquet")
+        _measure("compact-files", history)
         results["compact_new_superseding_100_files"] = _measure("compact-new", history)
         print("new compaction, 100 files of the segment sent again: "
               f"{results['compact_new_superseding_100_files']}", flush=True)
