@@ -106,7 +106,7 @@ def _one_row_per_key_for_every_reader(root: str) -> None:
         counts = duckdb.sql(
             f"select count(*), count(distinct ({', '.join(key)})) "
             f"from read_parquet('{glob}', hive_partitioning = true)"
-        ).fetchone()
+        ).fetchall()[0]
         assert counts == (len(frame), len(frame)), table
         lazy = pl.scan_parquet(glob, hive_partitioning=True)
         assert lazy.select(pl.len()).collect().item() == len(frame), table
