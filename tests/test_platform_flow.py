@@ -31,10 +31,10 @@ from modulate import PlatformFlags
 from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
 from store.location import OutputLocation
+from store.tables import config_hash_for
 from tasks.platform import PollSettings
 from tasks.platform_jobs import JobFileRecord, JobRecord, load_records, save_record
 from tasks.s3 import AudioObject, S3Input
-from store.tables import config_hash_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_POLL = PollSettings(initial_interval_s=0.05, max_interval_s=0.2, job_timeout_s=20)
