@@ -6,7 +6,7 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field
 
-from tasks.output import OutputLocation
+from store.location import OutputLocation
 
 __all__ = ["ParquetOutput"]
 

@@ -1,4 +1,4 @@
-"""Generate the column tables of docs/data.md from tasks/schemas.py, the one source of the schemas.
+"""Generate the column tables of docs/data.md from store/tables.py, the one source of the schemas.
 
     uv run python docs/gen_schema_docs.py           # rewrite the generated part of docs/data.md
     uv run python docs/gen_schema_docs.py --check   # exit 1 if docs/data.md is out of date
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.schemas import DESCRIPTION_KEY, PARTITION_COLUMNS, SCHEMA_VERSION, TABLES
+from store.tables import DESCRIPTION_KEY, PARTITION_COLUMNS, SCHEMA_VERSION, TABLES
 
 __all__ = ["BEGIN", "DATA_MD", "END", "render_tables", "update"]
 

@@ -24,12 +24,12 @@ from blocks import OrgLimits, ParquetOutput, PlatformCredentials
 from blocks.loading import load_blocks
 from modulate import ModelGate, PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
+from store import compact, read_ledger
 from store.job_records import JobFileRecord, JobRecord, failed_submissions, load_open_records
-from tasks import output
+from store.tables import config_hash_for
 from tasks.batch import RunStopped
 from tasks.platform import MODEL, PlatformRun, PollSettings, WireMismatch, poll_job, submit_job
 from tasks.s3 import AudioObject, S3Input, iter_audio
-from tasks.schemas import config_hash_for
 from tasks.slots import SlotPool
 
 __all__ = ["PlatformJobOptions", "PlatformSettings", "PlatformSummary", "platform_jobs"]
@@ -123,7 +123,7 @@ async def platform_jobs(
     config_hash = config_hash_for({"model": MODEL, "flags": options.flags.model_dump()})
     reopen = await asyncio.to_thread(load_open_records, location, config_hash)
     failed_before = await asyncio.to_thread(failed_submissions, location, config_hash)
-    done = await asyncio.to_thread(output.read_ledger, location, MODEL, config_hash)
+    done = await asyncio.to_thread(read_ledger, location, MODEL, config_hash)
     claimed = {f.file_id for r in reopen for f in r.files if f.posted or f.error is None}
     concurrent = limits.for_model(MODEL).concurrent
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
@@ -166,7 +166,7 @@ async def platform_jobs(
             ) from None
 
     for table, date in sorted(run.touched):
-        await asyncio.to_thread(output.compact, location, table, MODEL, [date])
+        await asyncio.to_thread(compact, location, table, MODEL, [date])
     summary = PlatformSummary(
         config_hash=config_hash, files=dict(run.statuses), jobs=dict(run.jobs),
         jobs_submitted=submitted, jobs_reattached=len(reopen),

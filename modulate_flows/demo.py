@@ -20,7 +20,7 @@ from modulate_flows.console import print_rows
 from modulate_flows.local import LocalServices, local_services, save_blocks
 from modulate_flows.samples import bad_files, demo_files
 from modulate_flows.summary import print_summary
-from tasks.output import OutputLocation
+from store.location import OutputLocation
 
 __all__ = ["run_demo"]
 

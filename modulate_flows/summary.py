@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from modulate_flows.console import print_rows
-from tasks.output import OutputLocation, read_table
+from store.fragments import read_table
+from store.location import OutputLocation
 
 __all__ = ["print_summary"]
 

@@ -34,9 +34,9 @@ from modulate import (
     call_with_retries,
 )
 from modulate._constants import MAX_BATCH_BYTES
-from tasks import output
+from store import fragments
+from store.location import OutputLocation
 from tasks.jobs import BatchJob, Rows
-from tasks.output import OutputLocation
 from tasks.s3 import AudioObject, read_object
 from tasks.slots import SlotPool, SlotsLost
 from tasks.usage import USAGE_TABLE, usage_row
@@ -172,7 +172,7 @@ def _write_tables(
 ) -> None:
     """Write the chunk's fragments in order (the ledger last; see process_chunk)."""
     for table, rows in writes:
-        output.write_fragment(location, table, rows, fragment_id=fragment_id)
+        fragments.write_fragment(location, table, rows, fragment_id=fragment_id)
 
 
 def _infrastructure_failure(error: object) -> bool:
@@ -191,6 +191,7 @@ async def _process_file(
         "config_hash": ctx.config_hash,
         "model": ctx.job.model,
         "date": obj.date,
+        "flow_run_id": ctx.flow_run_id,  # the attempt: child rows follow its ledger row
     }
     ledger = {
         **key,
@@ -200,7 +201,6 @@ async def _process_file(
         "attempts": 0,
         "audio_duration_ms": None,
         "started_at": datetime.now(UTC),
-        "flow_run_id": ctx.flow_run_id,
     }
 
     def finish(status: str, error: BaseException | None = None, detail: str | None = None):

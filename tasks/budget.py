@@ -34,7 +34,7 @@ from modulate.budget import (
     billing_period,
     run_out_date,
 )
-from tasks.output import OutputLocation
+from store.location import OutputLocation
 from tasks.s3 import AudioObject
 from tasks.usage import read_daily_usage
 

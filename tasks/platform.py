@@ -38,10 +38,10 @@ from modulate import (
     Submission,
     call_with_retries,
 )
+from store.fragments import write_fragment
 from store.job_records import JobFileRecord, JobRecord, save_record, save_status
-from tasks import output
+from store.location import OutputLocation
 from tasks.batch import RunStopped
-from tasks.output import OutputLocation
 from tasks.s3 import read_object
 from tasks.slots import SlotPool
 
@@ -161,7 +161,7 @@ class PlatformRun:
         if not rows:
             return
         fragment_id = hashlib.sha256(f"{self.config_hash}:{fragment_seed}".encode()).hexdigest()
-        output.write_fragment(self.location, table, rows, fragment_id=fragment_id[:16])
+        write_fragment(self.location, table, rows, fragment_id=fragment_id[:16])
         self.touched.update((table, row["date"]) for row in rows)
         if table == "files":
             self.statuses.update(row["status"] for row in rows)

@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from blocks import ModulateCredentials, OrgLimits, ParquetOutput
 from blocks.loading import load_blocks
 from modulate import AuthError, ModelGate, ModelNotEnabled, RetryPolicy
-from tasks import output
+from store import compact
+from store.ledger import LedgerLookup
 from tasks.batch import (
     DEFERRED,
     DEFERRED_BUDGET,
@@ -143,7 +144,7 @@ async def run_batch(
     job = make_job(s3_client, bucket.bucket_name)
     model_limit = limits.for_model(job.model)
     job_hash = config_hash(job)
-    done = await asyncio.to_thread(output.read_ledger, location, job.model, job_hash)
+    done = LedgerLookup(location, job.model, job_hash)  # reads a date's partition when listed
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
 
     async with (
@@ -184,7 +185,7 @@ async def run_batch(
             s3_error = group.exceptions[0]
 
     for table, date in sorted(ctx.touched):
-        await asyncio.to_thread(output.compact, location, table, job.model, [date])
+        await asyncio.to_thread(compact, location, table, job.model, [date])
     summary = RunSummary(
         model=job.model,
         config_hash=job_hash,
@@ -218,10 +219,12 @@ async def run_batch(
 
 
 async def _not_finished(
-    objects: AsyncIterator[AudioObject], done: dict[str, str]
+    objects: AsyncIterator[AudioObject], done: LedgerLookup
 ) -> AsyncIterator[AudioObject]:
     async for obj in objects:
-        if done.get(obj.file_id) not in FINISHED:
+        if not done.is_loaded(obj.date):
+            await asyncio.to_thread(done.load, obj.date)
+        if done.status(obj.file_id, obj.date) not in FINISHED:
             yield obj
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.schemas import file_id_for
+from store.tables import file_id_for
 
 __all__ = [
     "AudioObject",

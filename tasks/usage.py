@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from tasks.output import OutputLocation
-from tasks.schemas import PARTITION_COLUMNS, TABLES
+from store.location import OutputLocation
+from store.tables import PARTITION_COLUMNS, TABLES
 
 __all__ = ["USAGE_TABLE", "read_daily_usage", "usage_models", "usage_row"]
 

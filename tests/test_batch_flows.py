@@ -214,7 +214,7 @@ async def test_s3_output_artifacts_and_tags(org_env) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from blocks import ParquetOutput
-    from tasks.output import read_table
+    from store.fragments import read_table
 
     org_env.services.upload("parquet-out", {})
     output = ParquetOutput(

@@ -15,11 +15,11 @@ from prefect_aws import S3Bucket
 from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
+import store as output
 from blocks import ModelLimit, ModulateCredentials, OrgLimits, ParquetOutput, PlatformCredentials
 from modulate_flows.cli import app
 from modulate_flows.samples import speech_wav
-from tasks import output
-from tasks.output import OutputLocation
+from store.location import OutputLocation
 from tests.conftest import OrgEnv
 
 CANARY = "canary-key-7f3e9a-never-printed"

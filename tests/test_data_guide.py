@@ -1,4 +1,4 @@
-"""docs/data.md stays true: its column tables match tasks/schemas.py and its examples run.
+"""docs/data.md stays true: its column tables match store/tables.py and its examples run.
 
 The examples run against Parquet from a real transcription and synthetic-voice run (moto S3,
 the emulator, real Prefect), with `ROOT` pointing at the output directory.
@@ -7,16 +7,21 @@ the emulator, real Prefect), with `ROOT` pointing at the output directory.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import duckdb
+import pandas as pd
+import polars as pl
 import pytest
 
 from flows import detect_synthetic_voice, transcribe
 from modulate import RetryPolicy
 from modulate_flows.samples import bad_files, speech_wav
+from store.tables import TABLES
 from tasks import runner
 from tasks.runner import RunSettings
 from tasks.s3 import S3Input
@@ -45,8 +50,6 @@ def test_column_tables_are_up_to_date() -> None:
 
 
 def test_every_table_and_column_is_documented() -> None:
-    from tasks.schemas import TABLES
-
     text = (DOCS / "data.md").read_text()
     for name, (schema, _) in TABLES.items():
         section = text.split(f"### `{name}`\n", 1)[1].split("\n### ", 1)[0]
@@ -85,7 +88,28 @@ async def test_examples_run_on_real_output(org_env: Any, monkeypatch: pytest.Mon
     assert set(failures.error_class) == {"BadInput"} and failures.n.sum() == 2  # stt and svd
     latest = results["latest"]
     assert len(latest) == (GOOD_FILES + 1) * 2
+    assert len(results["exact"]) == len(pd.read_parquet(f"{org_env.output}/utterances")) > 0
+    _one_row_per_key_for_every_reader(str(org_env.output))
     assert results["summary"]["files"].sum() == GOOD_FILES
     assert len(results["words"]) == GOOD_FILES and (results["words"]["words"] > 0).all()
     hours = results["hours"].groupby("model")["hours"].sum()
     assert hours["stt"] == hours["svd"] == pytest.approx(GOOD_FILES * 2.0 / 3600)
+
+
+def _one_row_per_key_for_every_reader(root: str) -> None:
+    """After a run: pandas, DuckDB and polars each see exactly one row per key, every table."""
+    for table, (_, keys) in TABLES.items():
+        if not os.path.isdir(f"{root}/{table}"):
+            continue
+        key = ["model", *keys]
+        frame = pd.read_parquet(f"{root}/{table}")
+        assert not frame.duplicated(key).any() and len(frame) > 0, table
+        glob = f"{root}/{table}/**/*.parquet"
+        counts = duckdb.sql(
+            f"select count(*), count(distinct ({', '.join(key)})) "
+            f"from read_parquet('{glob}', hive_partitioning = true)"
+        ).fetchall()[0]
+        assert counts == (len(frame), len(frame)), table
+        lazy = pl.scan_parquet(glob, hive_partitioning=True)
+        assert lazy.select(pl.len()).collect().item() == len(frame), table
+        assert lazy.unique(subset=key).select(pl.len()).collect().item() == len(frame), table

@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from tasks import output
-from tasks.output import OutputLocation, compact, read_ledger, read_table, write_fragment
-from tasks.schemas import (
+from store import OutputLocation, compact, read_ledger, read_table, write_fragment
+from store.tables import (
     PARTITION_COLUMNS,
     SCHEMA_VERSION,
     TABLES,
@@ -68,7 +67,7 @@ def _utterance(file_id: str, idx: int, text: str) -> dict[str, Any]:
 
 def _partition_files(root: Path, table: str, date: str = DATE) -> list[str]:
     directory = root / table / f"model={MODEL}" / f"date={date}"
-    return sorted(p.name for p in directory.iterdir())
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("_"))
 
 
 # schemas
@@ -158,8 +157,9 @@ def test_partition_columns_live_only_in_the_path(tmp_path: Path) -> None:
     assert stored.field("status").metadata[b"description"]
 
 
-def test_compact_keeps_the_newest_row_per_key(tmp_path: Path) -> None:
+def test_compact_keeps_the_latest_write_of_an_attempt_whole(tmp_path: Path) -> None:
     location = OutputLocation(root=str(tmp_path))
+    # Rows without an attempt (schema version 1) count as one attempt: its latest write wins.
     old = [_utterance("a", 0, "old"), _utterance("a", 1, "old")]
     new = [_utterance("a", 1, "new"), _utterance("a", 2, "new")]
     write_fragment(location, "utterances", new, fragment_id="zzz-older-name")
@@ -169,7 +169,7 @@ def test_compact_keeps_the_newest_row_per_key(tmp_path: Path) -> None:
     (name,) = _partition_files(tmp_path, "utterances")
     assert name.startswith("part-compacted-")
     rows = read_table(location, "utterances").sort_by("idx").to_pylist()
-    assert [(r["idx"], r["text"]) for r in rows] == [(0, "old"), (1, "new"), (2, "new")]
+    assert [(r["idx"], r["text"]) for r in rows] == [(1, "new"), (2, "new")]
     compact(location, "utterances", MODEL, [DATE])  # idempotent
     assert _partition_files(tmp_path, "utterances") == [name]
 
@@ -186,29 +186,6 @@ def test_compact_files_prefers_latest_finished_at(tmp_path: Path) -> None:
     compact(location, "files", MODEL, [DATE, "2025-01-01"])  # a date with no partition is fine
     rows = {r["file_id"]: r["status"] for r in read_table(location, "files").to_pylist()}
     assert rows == {"a": "completed", "b": "failed"}
-
-
-def test_compact_spares_fragments_written_meanwhile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    location = OutputLocation(root=str(tmp_path))
-    write_fragment(location, "files", [_file_row("a")], fragment_id="c1")
-    write_fragment(location, "files", [_file_row("b")], fragment_id="c2")
-    real_read = pq.read_table
-
-    def read_and_race(*args: Any, **kwargs: Any) -> pa.Table:
-        if not (
-            tmp_path / "files" / f"model={MODEL}" / f"date={DATE}" / "part-c3-0.parquet"
-        ).exists():
-            write_fragment(location, "files", [_file_row("c")], fragment_id="c3")
-        return real_read(*args, **kwargs)
-
-    monkeypatch.setattr(output.pq, "read_table", read_and_race)
-    compact(location, "files", MODEL, [DATE])
-    monkeypatch.undo()
-    files = _partition_files(tmp_path, "files")
-    assert "part-c3-0.parquet" in files and len(files) == 2
-    assert sorted(read_table(location, "files").column("file_id").to_pylist()) == ["a", "b", "c"]
 
 
 def test_compact_after_a_crash_removes_duplicates(tmp_path: Path) -> None:

@@ -40,10 +40,10 @@ from store.job_records import (
     load_open_records,
     save_record,
 )
-from tasks.output import OutputLocation
+from store.location import OutputLocation
+from store.tables import config_hash_for
 from tasks.platform import PollSettings
 from tasks.s3 import AudioObject, S3Input
-from tasks.schemas import config_hash_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_POLL = PollSettings(initial_interval_s=0.05, max_interval_s=0.2, job_timeout_s=20)
@@ -59,7 +59,7 @@ CHILD = """
 import asyncio, json, sys
 from flows.platform import PlatformJobOptions, PlatformSettings, platform_jobs
 from tasks.s3 import AudioObject, S3Input
-from tasks.schemas import config_hash_for
+from store.tables import config_hash_for
 args = json.loads(sys.argv[1])
 asyncio.run(platform_jobs(
     source=S3Input.model_validate(args["source"]),

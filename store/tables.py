@@ -1,6 +1,9 @@
 """The pyarrow schemas of every output table, and the only place they are defined.
 
-Each table maps to its schema and key columns. Every column carries a one-line
+Each table maps to its schema and key columns. The tables other than ``files`` and
+``platform_results`` are a file's child rows: they carry the ``flow_run_id`` of the attempt
+that wrote them, so compaction keeps the rows of the attempt the ``files`` ledger keeps
+(store/winners.py). Every column carries a one-line
 ``description`` in its field metadata for the docs generator. Columns are only ever added,
 and only as nullable ones, so files written under an older ``SCHEMA_VERSION`` stay readable.
 """
@@ -16,19 +19,24 @@ from typing import Any
 import pyarrow as pa
 
 __all__ = [
+    "CHILD_TABLES",
     "DESCRIPTION_KEY",
     "FILE_STATUSES",
+    "LEDGER_TABLE",
     "PARTITION_COLUMNS",
     "SCHEMA_VERSION",
     "TABLES",
     "check_partition",
     "config_hash_for",
     "empty_table",
+    "file_schema",
     "file_id_for",
+    "group_columns",
     "to_table",
 ]
 
-SCHEMA_VERSION = 1
+# 2: child tables gained flow_run_id (nullable; version-1 rows read it as null).
+SCHEMA_VERSION = 2
 DESCRIPTION_KEY = b"description"
 # Hive partition columns, in path order. They close every schema because that is where
 # pyarrow, DuckDB and polars put partition columns when they read the dataset back.
@@ -51,8 +59,13 @@ def _field(name: str, type_: pa.DataType, description: str, *, nullable: bool = 
     return pa.field(name, type_, nullable=nullable, metadata={DESCRIPTION_KEY: description})
 
 
-def _schema(*fields: pa.Field, key: tuple[str, ...] = ("file_id", "config_hash")) -> pa.Schema:
-    """Wrap table-specific fields in the columns every table shares; keys are not null."""
+def _schema(
+    *fields: pa.Field, key: tuple[str, ...] = ("file_id", "config_hash"), child: bool = True
+) -> pa.Schema:
+    """Wrap table-specific fields in the columns every table shares; keys are not null.
+
+    A child table (a file's rows other than its ledger row) also gets ``flow_run_id``.
+    """
     head = [
         _field(
             "schema_version",
@@ -74,6 +87,14 @@ def _schema(*fields: pa.Field, key: tuple[str, ...] = ("file_id", "config_hash")
         ),
     ]
     body = [f.with_nullable(False) if f.name in key else f for f in fields]
+    if child:
+        body.append(
+            _field(
+                "flow_run_id",
+                pa.string(),
+                "Prefect flow run of the attempt that wrote the row; it matches files.flow_run_id.",
+            )
+        )
     tail = [
         _field(
             "model",
@@ -119,6 +140,7 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
             _field("finished_at", _TIMESTAMP, "When processing of the file finished (UTC)."),
             _field("flow_run_id", pa.string(), "Prefect flow run that processed the file."),
             _field("output_uri", pa.string(), "s3:// URI of the redacted MP3 (redaction only)."),
+            child=False,
         ),
         ("file_id", "config_hash"),
     ),
@@ -217,6 +239,7 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
                 "Confidence of the synthetic voice verdict, 0 to 1.",
             ),
             key=("job_id", "file_id"),
+            child=False,
         ),
         ("job_id", "file_id"),
     ),
@@ -243,6 +266,16 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
         ("file_id", "config_hash"),
     ),
 }
+
+
+LEDGER_TABLE = "files"
+# A file's rows beside its ledger row; they follow the ledger's winner (store/winners.py).
+CHILD_TABLES = frozenset(name for name in TABLES if name not in {LEDGER_TABLE, "platform_results"})
+
+
+def group_columns(name: str) -> tuple[str, ...]:
+    """The columns one attempt wins for: a file version under a config, or a Platform job's file."""
+    return ("job_id", "file_id") if name == "platform_results" else ("file_id", "config_hash")
 
 
 def file_id_for(source_uri: str, etag: str) -> str:
@@ -294,6 +327,14 @@ def to_table(name: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     table = pa.Table.from_arrays(arrays, schema=schema)
     _check_values(name, table)
     return table
+
+
+def file_schema(name: str) -> pa.Schema:
+    """The schema stored inside a table's files: partition columns live in the path instead."""
+    schema = _schema_of(name)
+    for column in PARTITION_COLUMNS:
+        schema = schema.remove(schema.get_field_index(column))
+    return schema
 
 
 def _schema_of(name: str) -> pa.Schema:

@@ -1,0 +1,431 @@
+"""Fold a partition's new fragments into compacted segments: one row per key, bounded memory.
+
+A partition holds compacted *segments* (``part-compacted-<digest>-0.parquet``; together one
+row per key, and for each file the rows of one attempt) and new *fragments* (everything
+else). Compaction
+
+1. reads the small columns (keys, attempt, status, finished_at) of the fragments, and of
+   the segments only the rows of keys the fragments touch, and picks each key's winner by
+   the rule of store/winners.py (child tables ask the ``files`` partition of the same date);
+2. rewrites, streaming record batches into one new segment, the fragments and only those
+   segments that hold a row that lost; every other segment stays as it is. When more than
+   ``MAX_SEGMENTS`` would remain, the smallest are merged into the new one as well, so a
+   partition holds a few segments of geometrically growing size;
+3. writes the new segment whole (store/fragments.py), then deletes exactly the inputs it
+   rewrote.
+
+So memory is a record batch plus the touched keys, and time is the new rows plus a scan of
+the segments' key columns, not a rewrite of the partition. A crash at any point leaves
+duplicates at worst, which the next compaction removes; rows are never lost, because an
+input is deleted only after the rows that survive from it are written. One compactor runs
+per partition at a time (store/locks.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from store.fragments import WRITTEN_AT_KEY, written_at
+from store.location import OutputLocation, data_files, partition_dir
+from store.locks import partition_lock
+from store.tables import CHILD_TABLES, LEDGER_TABLE, file_schema, group_columns
+from store.winners import LedgerWinner, child_winners, files_winners
+
+__all__ = ["MAX_SEGMENTS", "SEGMENT_PREFIX", "compact"]
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_PREFIX = "part-compacted-"
+MAX_SEGMENTS = 8
+BATCH_ROWS = 65_536
+ROW_GROUP_ROWS = 65_536
+# A second compactor of the same partition waits this long, then leaves the partition to
+# the next run (nothing is lost: its fragments stay readable and are compacted later).
+LOCK_WAIT_SECONDS = 600.0
+# A segment's metadata: when the compaction that wrote it began. Ledger rows written after
+# that (less RECHECK_NS: a write that began before it may have ended after it read the
+# ledger) are decided again at a child table's next compaction.
+COMPACTED_AT_KEY = b"modulate:compacted_at_ns"
+RECHECK_NS = 60 * 10**9
+_SEP = "\x1f"
+_ATTEMPT_COLUMNS = ("status", "finished_at", "flow_run_id")
+
+
+def compact(
+    location: OutputLocation, table_name: str, model: str, dates: Iterable[str]
+) -> None:
+    """Fold the new fragments of each ``model=<model>/date=<d>`` partition into segments.
+
+    Args:
+        location: the dataset root.
+        table_name: a key of ``store.tables.TABLES``.
+        model: the ``model=`` partition.
+        dates: the ``date=`` partitions to compact; missing ones are skipped.
+    """
+    schema = file_schema(table_name)
+    fs, base = location.filesystem()
+    for date in sorted(set(dates)):
+        directory = partition_dir(base, table_name, model, date)
+        if not data_files(fs, directory):
+            continue
+        with partition_lock(location, fs, directory, wait_seconds=LOCK_WAIT_SECONDS) as held:
+            if not held:
+                logger.warning(
+                    "not compacting %s: another compaction held it for %.0f s",
+                    directory,
+                    LOCK_WAIT_SECONDS,
+                )
+                continue
+            _Partition(fs, base, table_name, model, date, schema).compact()
+
+
+@dataclass
+class _Source:
+    info: pafs.FileInfo
+    order: int
+    written_ns: int
+    segment: bool
+    columns: frozenset[str]
+    compacted_ns: int  # when the compaction that wrote a segment began
+
+
+class _Partition:
+    """One compaction of one partition (held under its lock)."""
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        base: str,
+        table_name: str,
+        model: str,
+        date: str,
+        schema: pa.Schema,
+    ) -> None:
+        self.fs = fs
+        self.base = base
+        self.table_name = table_name
+        self.model = model
+        self.date = date
+        self.schema = schema
+        self.directory = partition_dir(base, table_name, model, date)
+        self.group = group_columns(table_name)
+
+    def compact(self) -> None:
+        self.started_ns = time.time_ns()
+        sources = self._sources()
+        if sources is None:
+            return
+        fragments = [s for s in sources if not s.segment]
+        segments = [s for s in sources if s.segment]
+        if not fragments and len(segments) <= MAX_SEGMENTS:
+            return
+        touched = self._touched(fragments)
+        if self.table_name in CHILD_TABLES and segments:
+            since = max(s.compacted_ns for s in segments)
+            touched = self._with_ledger_changes(touched, since)
+        keep_rows, lost = self._winners(sources, touched)
+        rewrite = fragments + [s for s in segments if s.order in lost]
+        kept = [s for s in segments if s.order not in lost]
+        if len(kept) + 1 > MAX_SEGMENTS:
+            kept.sort(key=lambda s: s.info.size or 0)
+            merge = len(kept) + 1 - MAX_SEGMENTS // 2
+            rewrite += kept[:merge]
+        self._rewrite(rewrite, touched, keep_rows)
+
+    def _sources(self) -> list[_Source] | None:
+        found = []
+        for info in data_files(self.fs, self.directory):
+            with self.fs.open_input_file(info.path) as handle:
+                stored = pq.read_schema(handle)
+            unknown = set(stored.names) - set(self.schema.names)
+            if unknown:
+                logger.warning(
+                    "not compacting %s: %s has columns this version does not know",
+                    self.directory,
+                    info.base_name,
+                )
+                return None
+            stamp = written_at(stored, info.mtime_ns or 0)
+            compacted = int((stored.metadata or {}).get(COMPACTED_AT_KEY, stamp))
+            segment = info.base_name.startswith(SEGMENT_PREFIX)
+            names = frozenset(stored.names)
+            found.append((stamp, info.base_name, info, segment, names, compacted))
+        found.sort(key=lambda item: (item[0], item[1]))
+        return [
+            _Source(info, order, stamp, segment, names, compacted)
+            for order, (stamp, _, info, segment, names, compacted) in enumerate(found)
+        ]
+
+    # pass 1: who wins
+
+    def _touched(self, fragments: list[_Source]) -> pa.Array:
+        keys = [
+            pc.unique(_group_key(batch, self.group))
+            for source in fragments
+            for batch in self._batches(source, self.group)
+        ]
+        return _unique(keys)
+
+    def _with_ledger_changes(self, touched: pa.Array, since_ns: int) -> pa.Array:
+        """Add the keys of ``files`` rows written since this table's segments were.
+
+        A new ledger row can change a key's winner with no new child rows (an attempt that
+        completed with none in this table): its rows in the segments are decided again.
+        """
+        directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
+        schema = file_schema(LEDGER_TABLE)
+        keys = [touched]
+        for info in data_files(self.fs, directory):
+            with self.fs.open_input_file(info.path) as handle:
+                reader = pq.ParquetFile(handle)
+                if written_at(reader.schema_arrow, info.mtime_ns or 0) <= since_ns - RECHECK_NS:
+                    continue
+                for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=list(self.group)):
+                    batch = pa.RecordBatch.from_arrays(
+                        [batch[c].cast(schema.field(c).type) for c in self.group],
+                        names=list(self.group),
+                    )
+                    keys.append(pc.unique(_group_key(batch, self.group)))
+        return _unique(keys)
+
+    def _winners(
+        self, sources: list[_Source], touched: pa.Array
+    ) -> tuple[dict[int, pa.Array], set[int]]:
+        """For each source, which of its touched rows survive; and the segments that lose any.
+
+        Rows are named by position for ``files`` and ``platform_results`` (one row per key
+        per source), by ``key SEP attempt`` for child tables (all rows of the attempt).
+        """
+        if len(touched) == 0:
+            return {}, set()
+        if self.table_name in CHILD_TABLES:
+            return self._child_winners(sources, touched)
+        candidates = []
+        columns = (*self.group, *(c for c in _ATTEMPT_COLUMNS if c in self.schema.names))
+        for source in sources:
+            offset = 0
+            for batch in self._batches(source, columns):
+                gk = _group_key(batch, self.group)
+                rows = pa.array(np.arange(offset, offset + batch.num_rows), pa.int64())
+                offset += batch.num_rows
+                table = pa.table(
+                    {
+                        "_gk": gk,
+                        "_source": pa.array(np.full(batch.num_rows, source.order), pa.int32()),
+                        "_row": rows,
+                        **{c: batch[c] for c in columns if c not in self.group},
+                    }
+                )
+                if source.segment:
+                    table = table.filter(pc.is_in(gk, value_set=touched))
+                candidates.append(table)
+        if not candidates:
+            return {}, set()
+        table = pa.concat_tables(candidates)
+        if self.table_name == LEDGER_TABLE:
+            winners = files_winners(table, ("_gk",), ("_source", "_row"))
+        else:  # no attempts: the most recently written row of the key
+            table = table.sort_by([("_source", "ascending"), ("_row", "ascending")])
+            table = table.append_column("_pos", pa.array(np.arange(table.num_rows)))
+            grouped = table.group_by(["_gk"], use_threads=False).aggregate([("_pos", "max")])
+            winners = table.take(grouped["_pos_max"])
+        keep: dict[int, pa.Array] = {}
+        sources_col = winners["_source"].to_numpy()
+        rows_col = winners["_row"].to_numpy()
+        for order in np.unique(sources_col):
+            keep[int(order)] = pa.array(rows_col[sources_col == order])
+        per_source = table.group_by(["_source"], use_threads=False).aggregate([("_row", "count")])
+        won = dict(zip(*np.unique(sources_col, return_counts=True), strict=True))
+        lost = {
+            int(order)
+            for order, count in zip(
+                per_source["_source"].to_pylist(), per_source["_row_count"].to_pylist(), strict=True
+            )
+            if won.get(order, 0) < count
+        }
+        return keep, lost
+
+    def _child_winners(
+        self, sources: list[_Source], touched: pa.Array
+    ) -> tuple[dict[int, pa.Array], set[int]]:
+        attempts: list[tuple[str, str, int, int]] = []
+        for source in sources:
+            distinct = []
+            for batch in self._batches(source, (*self.group, "flow_run_id")):
+                gk = _group_key(batch, self.group)
+                pairs = pa.table({"_gk": gk, "_attempt": pc.fill_null(batch["flow_run_id"], "")})
+                if source.segment:
+                    pairs = pairs.filter(pc.is_in(gk, value_set=touched))
+                distinct.append(pairs.group_by(["_gk", "_attempt"]).aggregate([]))
+            if not distinct:
+                continue
+            pairs = pa.concat_tables(distinct)
+            pairs = pairs.group_by(["_gk", "_attempt"], use_threads=False).aggregate([])
+            attempts += [
+                (key, attempt, source.order, source.written_ns)
+                for key, attempt in zip(
+                    pairs["_gk"].to_pylist(), pairs["_attempt"].to_pylist(), strict=True
+                )
+            ]
+        chosen = child_winners(self._ledger(touched), attempts)
+        keep: dict[int, set[str]] = {}
+        lost: set[int] = set()
+        for key, attempt, order, _ in attempts:
+            if chosen.get(key) == (attempt, order):
+                keep.setdefault(order, set()).add(f"{key}{_SEP}{attempt}")
+            else:
+                lost.add(order)
+        return {order: pa.array(sorted(v), pa.string()) for order, v in keep.items()}, lost
+
+    def _ledger(self, touched: pa.Array) -> dict[str, LedgerWinner]:
+        """The ``files`` winner of every touched key, from that table's partition of this date."""
+        directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
+        paths = [info.path for info in data_files(self.fs, directory)]
+        if not paths or len(touched) == 0:
+            return {}
+        file_ids = pa.array(sorted({k.split(_SEP, 1)[0] for k in touched.to_pylist()}))
+        dataset = ds.dataset(
+            paths, schema=file_schema(LEDGER_TABLE), format="parquet", filesystem=self.fs
+        )
+        table = dataset.to_table(
+            columns=["file_id", "config_hash", *_ATTEMPT_COLUMNS],
+            filter=pc.field("file_id").isin(file_ids),
+            batch_size=BATCH_ROWS,
+        )
+        if table.num_rows == 0:
+            return {}
+        winners = files_winners(table, ("file_id", "config_hash"))
+        return {
+            f"{file_id}{_SEP}{config}": LedgerWinner(attempt, bool(done), at, latest)
+            for file_id, config, attempt, done, at, latest in zip(
+                winners["file_id"].to_pylist(),
+                winners["config_hash"].to_pylist(),
+                winners["_attempt"].to_pylist(),
+                winners["_completed"].to_pylist(),
+                winners["_finished"].to_pylist(),
+                winners["_latest"].to_pylist(),
+                strict=True,
+            )
+        }
+
+    # pass 2: write what survives
+
+    def _rewrite(
+        self, rewrite: list[_Source], touched: pa.Array, keep: dict[int, pa.Array]
+    ) -> None:
+        if not rewrite:
+            return
+        names = sorted(s.info.base_name for s in rewrite)
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+        target = f"{self.directory}/{SEGMENT_PREFIX}{digest}-0.parquet"
+        newest = max(s.written_ns for s in rewrite)
+        schema = self.schema.with_metadata(
+            {WRITTEN_AT_KEY: str(newest).encode(), COMPACTED_AT_KEY: str(self.started_ns).encode()}
+        )
+        # A temporary name on S3 too: a streamed upload that fails half-way must never be
+        # completed under a name readers see; the rename there is one server-side copy.
+        path = f"{self.directory}/_tmp-{uuid.uuid4().hex}.parquet"
+        rows_out = 0
+        stream = None
+        writer: pq.ParquetWriter | None = None
+        try:
+            for batch in self._surviving(rewrite, touched, keep):
+                if writer is None:
+                    stream = self.fs.open_output_stream(path)
+                    writer = pq.ParquetWriter(stream, schema, compression="snappy")
+                writer.write_table(pa.Table.from_batches([batch]), row_group_size=ROW_GROUP_ROWS)
+                rows_out += batch.num_rows
+        except BaseException:
+            if writer is not None:
+                writer.close()
+                stream.close()
+            _remove_quietly(self.fs, path)
+            raise
+        if writer is not None:
+            writer.close()
+            stream.close()
+            self.fs.move(path, target)
+        for source in rewrite:
+            if source.info.path != target:
+                _remove_quietly(self.fs, source.info.path)
+        logger.info(
+            "compacted %d files into %d rows in %s",
+            len(rewrite),
+            rows_out,
+            self.directory,
+        )
+
+    def _surviving(
+        self, rewrite: list[_Source], touched: pa.Array, keep: dict[int, pa.Array]
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows of ``rewrite`` that survive, in batches of at most ``ROW_GROUP_ROWS``."""
+        child = self.table_name in CHILD_TABLES
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
+        for source in sorted(rewrite, key=lambda s: s.order):
+            wanted = keep.get(source.order, pa.array([], pa.string() if child else pa.int64()))
+            offset = 0
+            for batch in self._batches(source, tuple(self.schema.names)):
+                gk = _group_key(batch, self.group)
+                if child:
+                    attempt = pc.fill_null(batch["flow_run_id"], "")
+                    named = pc.binary_join_element_wise(gk, attempt, _SEP)
+                else:
+                    named = pa.array(np.arange(offset, offset + batch.num_rows), pa.int64())
+                offset += batch.num_rows
+                survives = pc.or_(
+                    pc.invert(pc.is_in(gk, value_set=touched)), pc.is_in(named, value_set=wanted)
+                )
+                kept = batch.filter(survives)
+                if kept.num_rows:  # an empty batch is never yielded
+                    pending.append(kept)
+                    pending_rows += kept.num_rows
+                if pending_rows >= ROW_GROUP_ROWS:
+                    yield from pa.Table.from_batches(pending).combine_chunks().to_batches()
+                    pending, pending_rows = [], 0
+        if pending:
+            yield from pa.Table.from_batches(pending).combine_chunks().to_batches()
+
+    def _batches(self, source: _Source, columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
+        """Record batches of ``columns`` in the current schema (columns added since: null)."""
+        present = [c for c in columns if c in source.columns]
+        with self.fs.open_input_file(source.info.path) as handle:
+            reader = pq.ParquetFile(handle)
+            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=present):
+                arrays = [
+                    batch[c].cast(self.schema.field(c).type)
+                    if c in source.columns
+                    else pa.nulls(batch.num_rows, self.schema.field(c).type)
+                    for c in columns
+                ]
+                fields = [self.schema.field(c) for c in columns]
+                yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _unique(arrays: list[pa.Array]) -> pa.Array:
+    if not arrays:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array(arrays, pa.string()).combine_chunks())
+
+
+def _group_key(batch: pa.RecordBatch, group: tuple[str, ...]) -> pa.Array:
+    return pc.binary_join_element_wise(*(batch[c] for c in group), _SEP)
+
+
+def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass  # a compaction before this one's crash removed it already
