@@ -49,5 +49,6 @@ class ParquetOutput(Block):
             s3_endpoint_url=creds.aws_client_parameters.endpoint_url,
             aws_access_key_id=creds.aws_access_key_id,
             aws_secret_access_key=secret.get_secret_value() if secret else None,
+            aws_session_token=creds.aws_session_token,
             region=creds.region_name or "us-east-1",
         )

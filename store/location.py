@@ -45,10 +45,11 @@ class OutputLocation:
     s3_endpoint_url: str | None = None
     aws_access_key_id: SecretStr | str | None = None
     aws_secret_access_key: SecretStr | str | None = None
+    aws_session_token: SecretStr | str | None = None  # STS and SSO credentials carry one
     region: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("aws_access_key_id", "aws_secret_access_key"):
+        for name in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, SecretStr(value))
@@ -75,6 +76,8 @@ class OutputLocation:
         if access_key and secret_key:
             kwargs["access_key"] = _reveal(access_key)
             kwargs["secret_key"] = _reveal(secret_key)
+            if self.aws_session_token:
+                kwargs["session_token"] = _reveal(self.aws_session_token)
         return pafs.S3FileSystem(**kwargs), self._bucket_path()
 
     def s3_client(self) -> Any:
@@ -88,6 +91,7 @@ class OutputLocation:
             region_name=self.region or DEFAULT_REGION,
             aws_access_key_id=_reveal(access_key) if access_key else None,
             aws_secret_access_key=_reveal(secret_key) if secret_key else None,
+            aws_session_token=_reveal(self.aws_session_token) if self.aws_session_token else None,
         )
 
     def uri(self, table: str) -> str:

@@ -119,3 +119,18 @@ def test_from_env_refuses_incomplete_settings(env: dict[str, str], message: str)
     assert result.exit_code != 0
     assert message in " ".join(result.output.split())
     assert SECRET_PLATFORM not in result.output
+
+
+def test_parquet_output_keeps_the_session_token_of_sts_credentials(services) -> None:
+    """STS and SSO credentials carry a session token; the output location must pass it on."""
+    from store import read_table, write_fragment
+
+    creds = services.aws_credentials().model_copy(update={"aws_session_token": "sts-canary"})
+    location = ParquetOutput(root="s3://sts-out/tables", aws_credentials=creds).location()
+    assert location.aws_session_token.get_secret_value() == "sts-canary"  # type: ignore[union-attr]
+    assert "sts-canary" not in repr(location)
+    services.upload("sts-out", {})
+    write_fragment(location, "files", [], fragment_id="empty")  # nothing to write is fine
+    filesystem, _ = location.filesystem()
+    assert filesystem.__reduce__()[1][0]["session_token"] == "sts-canary"
+    assert read_table(location, "files").num_rows == 0
