@@ -15,6 +15,7 @@ from .errors import (
     ModulateError,
     MonthlyLimitReached,
     Transient,
+    UnreadableResponse,
     classify,
     redact_url,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "Submission",
     "Transcript",
     "Transient",
+    "UnreadableResponse",
     "Utterance",
     "UtteranceEvent",
     "VFastTranscript",
