@@ -273,6 +273,8 @@ async def _process_file(
             detail = f"could not read {obj.uri}: {type(exc).__name__}"
             return finish(FAILED, exc, detail=detail), {}
 
+        if ctx.writer is not None:
+            await ctx.writer.room()  # bounds what a crash loses (tasks/results_writer.py)
         ctx.pool.add_demand(1)
         try:
             result = await _call_with_policy(ctx, obj, audio, ledger)

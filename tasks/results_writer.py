@@ -8,6 +8,11 @@ data tables first, the `files` ledger last, so a ledger row never points at rows
 there. A flush's fragment name is a hash of the config and its file ids, so writing it again
 overwrites it.
 
+A file waits for `room()` before its call while twice `max_files` paid results (files that
+made a call) wait to be written:
+so at any moment at most 2C results are paid for and not yet durable, plus the C calls in
+flight, whatever the speed of the output. A SIGKILL loses no more than those 3C.
+
 A failed write is retried as a write (bounded backoff), never by calling the service again. A
 write that still fails breaks the writer: every waiting and later `put` raises
 `OutputUnwritable`, which names the table and where it lives, and the run stops.
@@ -96,6 +101,11 @@ class ResultsWriter:
         self.touched: set[tuple[str, str]] = set()  # (table, date) written, for compaction
         self.flushes = 0
         self.failure: OutputUnwritable | None = None
+        self.window = 2 * max_files
+        # Paid results handed over and not yet written (pending and being written); files
+        # that made no call (deferred, skipped) do not count: a crash costs nothing for them.
+        self._undurable = 0
+        self._room = asyncio.Condition()
         self._pending: list[tuple[dict[str, Any], Rows, asyncio.Future[None]]] = []
         self._oldest = 0.0
         self._wake = asyncio.Event()
@@ -118,6 +128,20 @@ class ResultsWriter:
         if self._flusher is not None:
             await self._flusher
 
+    async def room(self) -> None:
+        """Wait until fewer than `window` results wait to be written (call before a call).
+
+        Raises:
+            OutputUnwritable: the output could not be written.
+        """
+        if self._undurable >= self.window and self.failure is None:
+            async with self._room:
+                await self._room.wait_for(
+                    lambda: self._undurable < self.window or self.failure is not None
+                )
+        if self.failure is not None:
+            raise self.failure
+
     async def put(self, ledger_row: dict[str, Any], rows: Rows) -> None:
         """Hand over one finished file; returns once its rows are written.
 
@@ -130,6 +154,7 @@ class ResultsWriter:
         if not self._pending:
             self._oldest = time.monotonic()
         self._pending.append((ledger_row, rows, done))
+        self._undurable += _paid(ledger_row)
         self._wake.set()
         # Shielded: a cancelled waiter leaves its rows to be written all the same.
         await asyncio.shield(done)
@@ -169,6 +194,9 @@ class ResultsWriter:
                 await asyncio.to_thread(self._write, writes, fragment_id)
             except OutputUnwritable as exc:
                 self.failure = exc
+        self._undurable -= sum(_paid(row) for row in ledger)
+        async with self._room:
+            self._room.notify_all()
         for _, _, done in batch:
             if done.done():
                 continue
@@ -200,3 +228,7 @@ class ResultsWriter:
                         self.policy.attempts, wait,
                     )
                     time.sleep(wait)  # in the writer's thread, not the event loop
+
+
+def _paid(ledger_row: dict[str, Any]) -> int:
+    return 1 if (ledger_row.get("attempts") or 0) > 0 else 0
