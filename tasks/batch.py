@@ -51,7 +51,7 @@ from tasks.slots import SlotPool
 if TYPE_CHECKING:
     from tasks.streaming import StreamRoute
 
-__all__ = ["FileOutcome", "RunContext", "RunStopped", "process_chunk"]
+__all__ = ["FileOutcome", "RunContext", "RunStopped", "finish_held", "process_chunk"]
 
 COMPLETED, FAILED, DEFERRED, SKIPPED = "completed", "failed", "deferred_quota", "skipped"
 # Not a ledger status: files another live run claimed, whose rows that run writes.
@@ -107,6 +107,7 @@ class RunContext:
         self.flow_run_id = flow_run_id
         self.writer = writer  # the run's; a streaming context routed to hands rows back to it
         self.claims = claims
+        self.held: list[AudioObject] = []  # claimed by another live run when their chunk came
         self.rng = random.Random()
         self.statuses: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
@@ -154,7 +155,7 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
     """Call the model for every file of the chunk; each file's rows are written as it ends.
 
     The chunk's files are claimed first (tasks/claims.py): a file another live run holds is
-    waited for, within a bound, and left to that run if it still holds it then. No task
+    left for `finish_held`, so this run goes on with files nobody holds. No task
     retries: a retry would send the chunk's calls again, paid for already. A failed write is
     retried as a write by the run's `ResultsWriter`.
 
@@ -175,30 +176,13 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
         outcomes[file_id] = await _process_and_write(ctx, by_id[file_id], logger)
         durable.append(file_id)
 
-    async def wait_for_others(held: list[str], group: asyncio.TaskGroup) -> None:
-        lease = ctx.claims.lease_s if ctx.claims is not None else 0.0
-        deadline = time.monotonic() + CLAIM_WAIT_LEASES * lease
-        while held and time.monotonic() < deadline:
-            await asyncio.sleep(lease / CLAIM_POLLS_PER_LEASE)
-            again = await _acquire(ctx, held)
-            for file_id in again.mine:
-                group.create_task(process(file_id))
-            ctx.statuses[BY_OTHER_RUN] += len(again.done)
-            held = again.held
-        if held:
-            logger.warning(
-                "%d files are still held by another live run after %.0f s: left to it",
-                len(held), CLAIM_WAIT_LEASES * lease,
-            )
-            ctx.statuses[BY_OTHER_RUN] += len(held)
-
-    ctx.statuses[BY_OTHER_RUN] += len(claimed.done)
+    if claimed.done:
+        ctx.statuses[BY_OTHER_RUN] += len(claimed.done)
+    ctx.held.extend(by_id[file_id] for file_id in claimed.held)  # for `finish_held`
     try:
         async with asyncio.TaskGroup() as group:
             for file_id in claimed.mine:
                 group.create_task(process(file_id))
-            if claimed.held:
-                group.create_task(wait_for_others(claimed.held, group))
     except* (AuthError, RunStopped, OutputUnwritable) as stopped:
         # One bad key fails every file alike: stop the chunk, mark none of them failed.
         # An output that stays unwritable stops the run: nothing more can be recorded.
@@ -207,6 +191,29 @@ async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[Fil
         if ctx.claims is not None and durable:
             await asyncio.to_thread(ctx.claims.mark_done, durable)
     return [outcomes[o.file_id] for o in objects if o.file_id in outcomes]
+
+
+async def finish_held(ctx: RunContext) -> None:
+    """After the listing: wait for the files other live runs held, within a bound.
+
+    A file its holder marks done is left to it (its rows are written); one whose holder died
+    is taken over and processed here. Past 10 leases the rest are left to their live holders.
+    """
+    if ctx.claims is None:
+        return
+    lease = ctx.claims.lease_s
+    deadline = time.monotonic() + CLAIM_WAIT_LEASES * lease
+    while ctx.held and time.monotonic() < deadline:
+        await asyncio.sleep(lease / CLAIM_POLLS_PER_LEASE)
+        held, ctx.held = ctx.held, []
+        await process_chunk(ctx, held)  # what is still held comes back to ctx.held
+    if ctx.held:
+        get_run_logger().warning(
+            "%d files are still held by another live run after %.0f s: left to it",
+            len(ctx.held), CLAIM_WAIT_LEASES * lease,
+        )
+        ctx.statuses[BY_OTHER_RUN] += len(ctx.held)
+        ctx.held = []
 
 
 async def _acquire(ctx: RunContext, file_ids: list[str]) -> Acquired:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from blocks import ModulateCredentials, OrgLimits, ParquetOutput
 from modulate import AuthError, ModelNotEnabled, QuotaBreaker, RetryPolicy
 from tasks import output
-from tasks.batch import DEFERRED, FAILED, RunContext, RunStopped, process_chunk
+from tasks.batch import DEFERRED, FAILED, RunContext, RunStopped, finish_held, process_chunk
 from tasks.claims import DEFAULT_LEASE_S, Claims
 from tasks.jobs import BatchJob, config_hash
 from tasks.results_writer import OutputUnwritable, ResultsWriter, WritePolicy
@@ -156,6 +156,7 @@ async def run_batch(
         try:
             async with route_large_files(ctx, credentials.streaming_client(), limits):
                 await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
+                await finish_held(ctx)
         except* (AuthError, RunStopped) as group:
             stopped = group.exceptions[0]
         except* (BotoCoreError, ClientError) as group:

@@ -17,10 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import boto3
 import duckdb
@@ -53,22 +52,6 @@ asyncio.run(transcribe(source=S3Input.model_validate(args["source"]),
                        settings=RunSettings.model_validate(args["settings"])))
 """
 WAIT_S = 60.0
-
-
-@pytest.fixture
-def emulator(services: LocalServices) -> Iterator[Callable[..., Any]]:
-    """Admin calls to the shared emulator; faults, latency and details are put back after."""
-
-    def call(method: str, path: str, body: Any = None) -> Any:
-        response = httpx.request(method, f"{services.emulator_url}/_emulator{path}", json=body)
-        response.raise_for_status()
-        return response.json()
-
-    yield call
-    call("PATCH", "/config", {
-        "faults": {"error_5xx_rate": 0.0, "drop_rate": 0.0}, "latency": {"mean_s": 0.0},
-        "detail_family": "2026",
-    })
 
 
 def assert_one_row_per_file(root: Path) -> int:
