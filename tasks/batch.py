@@ -305,7 +305,7 @@ async def _process_file(
     # The redacted MP3 of a PII file, as docs/data.md says of files.output_uri.
     ledger["output_uri"] = next(
         (row.get("redacted_audio_uri") for row in rows.get("redactions", [])), None
-    )
+    ) or None
     return finish(COMPLETED), rows
 
 
