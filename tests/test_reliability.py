@@ -48,10 +48,12 @@ from flows import transcribe
 from tasks.runner import RunSettings
 from tasks.s3 import S3Input
 args = json.loads(sys.argv[1])
+print("ready", flush=True)  # imports take tens of seconds on a loaded machine
 asyncio.run(transcribe(source=S3Input.model_validate(args["source"]),
                        settings=RunSettings.model_validate(args["settings"])))
 """
 WAIT_S = 60.0
+START_S = 180.0  # a child's imports, on a machine shared with other jobs
 
 
 def assert_one_row_per_file(root: Path) -> int:
@@ -99,19 +101,23 @@ async def test_sigkill_mid_run_then_rerun_resends_at_most_3c(org_env, emulator) 
         "settings": run_settings.model_dump(mode="json"),
     }
     threshold = random.Random(12).randint(30, files - 40)
+    errors = (org_env.output.parent / "child.err").open("wb")
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, env=child_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=errors,  # a file: a full pipe would stall the child
     )
     try:
+        ready = asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)  # type: ignore[union-attr]
+        assert (await asyncio.wait_for(ready, START_S)).strip() == b"ready"
         deadline = time.monotonic() + WAIT_S
         while org_env.stats("stt")["completed"] < threshold:
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert child.poll() is None, (org_env.output.parent / "child.err").read_text()[-2000:]
             assert time.monotonic() < deadline, "the child never reached the threshold"
             time.sleep(0.02)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
+        errors.close()
     sent_before_kill = org_env.stats("stt")["requests"]
     assert sent_before_kill < files, "the child finished before the kill"
 
