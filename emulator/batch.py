@@ -128,6 +128,11 @@ async def serve_admitted(
             await asyncio.sleep(state.config.faults.slow_s)
         response = respond()
         completed = True
+        if fault == "garbled":
+            fault_cls = "garbled"
+            # Cut short, as a proxy that mangles bodies would: the work is done and billed.
+            body = bytes(response.body)[: max(1, len(response.body) // 3)]
+            return Response(body, status_code=200, media_type=response.headers.get("content-type"))
         return response
     finally:
         state.release(org.name, model, completed=completed, fault=fault_cls)

@@ -97,12 +97,14 @@ class Latency(BaseModel):
 
 
 class Faults(BaseModel):
-    """Per accepted request probabilities of a 5xx, a dropped connection or a slow answer."""
+    """Per accepted request probabilities of a 5xx, a dropped connection, a slow answer, or a
+    garbled one: the work is done and billed, but the 200's body is not JSON."""
 
     error_5xx_rate: float = Field(default=0.0, ge=0, le=1)
     drop_rate: float = Field(default=0.0, ge=0, le=1)
     slow_rate: float = Field(default=0.0, ge=0, le=1)
     slow_s: float = Field(default=DEFAULT_SLOW_S, ge=0)
+    garbled_rate: float = Field(default=0.0, ge=0, le=1)
 
 
 class EmulatorConfig(BaseModel):

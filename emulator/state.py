@@ -28,11 +28,12 @@ __all__ = [
 
 REJECTION_CLASSES: tuple[str, ...] = (
     "concurrency", "monthly", "auth", "not_enabled", "bad_input", "fault_5xx", "dropped", "slow",
+    "garbled",
 )
 # Rejections of keys that match no org are counted under this pseudo-org.
 UNKNOWN_ORG = "_unknown"
 
-FaultKind = Literal["5xx", "drop", "slow"]
+FaultKind = Literal["5xx", "drop", "slow", "garbled"]
 
 
 @dataclass
@@ -181,7 +182,7 @@ class EmulatorState:
         return drawn + lat.per_audio_s * audio_seconds
 
     def draw_fault(self) -> FaultKind | None:
-        """One seeded draw per accepted request: 5xx, then drop, then slow, else None."""
+        """One seeded draw per accepted request: 5xx, drop, slow, then garbled, else None."""
         faults = self.config.faults
         roll = self.rng.random()
         if roll < faults.error_5xx_rate:
@@ -192,6 +193,9 @@ class EmulatorState:
         roll -= faults.drop_rate
         if roll < faults.slow_rate:
             return "slow"
+        roll -= faults.slow_rate
+        if roll < faults.garbled_rate:
+            return "garbled"
         return None
 
     # --- platform jobs ------------------------------------------------------------------

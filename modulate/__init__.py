@@ -15,6 +15,7 @@ from .errors import (
     ModulateError,
     MonthlyLimitReached,
     Transient,
+    UnreadableResponse,
     classify,
     redact_url,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "Submission",
     "Transcript",
     "Transient",
+    "UnreadableResponse",
     "Utterance",
     "UtteranceEvent",
     "VFastTranscript",

@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from .errors import Transient, classify
+from .errors import Transient, UnreadableResponse, classify
 
 __all__: list[str] = []
 
@@ -127,11 +127,17 @@ class _BaseHTTPClient:
             try:
                 return parse(response)
             except (ValueError, ValidationError, KeyError) as exc:
-                raise Transient(
-                    f"{endpoint}: unexpected response body ({type(exc).__name__})",
+                # The service answered 2xx: it did the work and billed it, so this is never
+                # sent again (a retry would pay twice). Size and type only: the body could
+                # hold a transcript.
+                content_type = response.headers.get("content-type", "none")
+                raise UnreadableResponse(
+                    f"{endpoint}: unreadable response (HTTP {response.status_code}, "
+                    f"{len(response.content)} bytes, content type {content_type}; "
+                    f"{type(exc).__name__})",
                     endpoint=endpoint,
                     status=response.status_code,
-                    detail="unexpected response body",
+                    detail="unreadable response",
                 ) from None
         finally:
             await response.aclose()

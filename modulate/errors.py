@@ -11,6 +11,7 @@ exception) becomes exactly one of these classes before anything decides whether 
   |  + ModelNotEnabled     - the key is valid but the model is not enabled for the org
   + BadInput               - this file or these parameters will never succeed
   + Transient              - 5xx, timeouts, dropped connections: retry a few times
+  + UnreadableResponse     - a 2xx whose body cannot be read: done and billed, never re-sent
 
 Misuse of the client (a wrong argument) raises `ValueError`, outside this tree.
 Every exception carries only log-safe context: never a URL with its key, never a response body
@@ -40,6 +41,7 @@ __all__ = [
     "ModulateError",
     "MonthlyLimitReached",
     "Transient",
+    "UnreadableResponse",
     "classify",
     "redact_url",
 ]
@@ -148,6 +150,14 @@ class Transient(ModulateError):
     """A failure that may pass: 5xx, timeouts, dropped connections, 1011, abnormal closure.
 
     Retried with bounded exponential backoff and jitter, then a per-file failure.
+    """
+
+
+class UnreadableResponse(ModulateError):
+    """A 2xx answer whose body does not parse: the service did (and billed) the work.
+
+    Never retried (`decide()` gives up on it): the file is `failed` with the body's size and
+    content type, and a rerun sends it again only because the ledger says failed.
     """
 
 

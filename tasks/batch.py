@@ -1,9 +1,10 @@
-"""Send a chunk of S3 files to a batch model within the org's limits, and write its rows.
+"""Send a chunk of S3 files to a batch model within the org's limits; hand each file's rows on.
 
 A chunk is one Prefect task with many files inside, called concurrently; every call
 goes through `call_with_retries()` (modulate/limits.py) under a slot of the run's
 `SlotPool` and the run's `ModelGate`, which weighs every refusal (DESIGN.md sections 2
-and 3). Per-file outcomes go to the `files` ledger, never to the task graph.
+and 3). Per-file outcomes go to the `files` ledger, never to the task graph: each file
+hands its rows to the run's `ResultsWriter` (tasks/results_writer.py) the moment it ends.
 
 While the gate is suspect, only one call at a time probes the service; once its
 breaker is open, every file not yet sent is recorded `deferred_quota` without a call.
@@ -12,14 +13,15 @@ breaker is open, every file not yet sent is recorded `deferred_quota` without a 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from botocore.exceptions import ClientError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
@@ -34,9 +36,10 @@ from modulate import (
     call_with_retries,
 )
 from modulate._constants import MAX_BATCH_BYTES
-from store import fragments
 from store.location import OutputLocation
+from tasks.claims import Acquired, Claims
 from tasks.jobs import BatchJob, Rows
+from tasks.results_writer import OutputUnwritable, ResultsWriter
 from tasks.s3 import AudioObject, read_object
 from tasks.slots import SlotPool, SlotsLost
 from tasks.usage import USAGE_TABLE, usage_row
@@ -46,12 +49,18 @@ if TYPE_CHECKING:
     from tasks.streaming import StreamRoute
 
 __all__ = [
-    "DEFERRED_CONCURRENCY", "FileOutcome", "RunContext", "RunStopped", "process_chunk",
+    "DEFERRED_BUDGET", "DEFERRED_CONCURRENCY", "FileOutcome", "RunContext", "RunStopped",
+    "finish_held", "process_chunk",
 ]
 
 COMPLETED, FAILED, DEFERRED, SKIPPED = "completed", "failed", "deferred_quota", "skipped"
 DEFERRED_CONCURRENCY = "deferred_concurrency"
 DEFERRED_BUDGET = "deferred_budget"  # would not fit the month's audio hours (tasks/budget.py)
+# Not a ledger status: files another live run claimed, whose rows that run writes.
+BY_OTHER_RUN = "done by another run"
+# A file held by another live run is asked for again every lease / 6, for at most 10 leases.
+CLAIM_POLLS_PER_LEASE = 6
+CLAIM_WAIT_LEASES = 10
 
 
 class RunStopped(Exception):
@@ -60,7 +69,7 @@ class RunStopped(Exception):
 
 @dataclass(frozen=True)
 class FileOutcome:
-    """What became of one file, for counters; its row is already in the chunk's fragment."""
+    """What became of one file, for counters; its rows are already written."""
 
     status: str
     error_class: str | None
@@ -86,6 +95,8 @@ class RunContext:
         s3_client: Any,
         location: OutputLocation,
         flow_run_id: str,
+        writer: ResultsWriter | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.job = job
         self.config_hash = config_hash
@@ -97,15 +108,17 @@ class RunContext:
         self.s3_client = s3_client
         self.location = location
         self.flow_run_id = flow_run_id
+        self.writer = writer  # the run's; a streaming context routed to hands rows back to it
+        self.claims = claims
+        self.budget: BudgetGate | None = None  # the month's audio hours (tasks/budget.py)
+        self.held: list[AudioObject] = []  # claimed by another live run when their chunk came
         self.rng = random.Random()
         self.statuses: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.calls = 0
         self.audio_ms = 0
-        self.touched: set[tuple[str, str]] = set()  # (table, date) written this run
         # Files over the batch size limit go to the job's streaming model (tasks/streaming.py).
         self.streaming: StreamRoute | None = None
-        self.budget: BudgetGate | None = None  # the runner opens it (tasks/budget.py)
         self.first_call = asyncio.Event()  # set by the run's first call to the service
         # Files between their S3 read and the end of their call: the pool's slots plus as
         # many read ahead. Unbounded, every file of the chunks in flight was read at once:
@@ -117,68 +130,90 @@ class RunContext:
         self.reads = asyncio.Semaphore(2 * pool.fallback_limit)
 
 
-@task(
-    name="process-chunk",
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_condition_fn=lambda task, run, state: _infrastructure_failure(state.data),
-)
+@task(name="process-chunk", cache_policy=NO_CACHE)
 async def process_chunk(ctx: RunContext, objects: list[AudioObject]) -> list[FileOutcome]:
-    """Call the model for every file of the chunk and write the chunk's rows.
+    """Call the model for every file of the chunk; each file's rows are written as it ends.
+
+    The chunk's files are claimed first (tasks/claims.py): a file another live run holds is
+    left for `finish_held`, so this run goes on with files nobody holds. No task
+    retries: a retry would send the chunk's calls again, paid for already. A failed write is
+    retried as a write by the run's `ResultsWriter`.
 
     Args:
-        ctx: The run's shared clients, limits and counters.
+        ctx: The run's shared clients, limits, writer, claims and counters.
         objects: The chunk's files, none of them completed before for this config.
 
     Returns:
-        One outcome per file, in order.
+        One outcome per file this run processed, once every one of their rows is durable.
     """
     logger = get_run_logger()  # once per chunk, not per file: it walks the run context
+    by_id = {obj.file_id: obj for obj in objects}
+    claimed = await _acquire(ctx, list(by_id))
+    outcomes: dict[str, FileOutcome] = {}
+    durable: list[str] = []
+
+    async def process(file_id: str) -> None:
+        outcomes[file_id] = await _process_and_write(ctx, by_id[file_id], logger)
+        durable.append(file_id)
+
+    if claimed.done:
+        ctx.statuses[BY_OTHER_RUN] += len(claimed.done)
+    ctx.held.extend(by_id[file_id] for file_id in claimed.held)  # for `finish_held`
     try:
         async with asyncio.TaskGroup() as group:
-            running = [group.create_task(_process_file(ctx, obj, logger)) for obj in objects]
-    except* (AuthError, RunStopped, SlotsLost) as stopped:
+            for file_id in claimed.mine:
+                group.create_task(process(file_id))
+    except* (AuthError, RunStopped, OutputUnwritable, SlotsLost) as stopped:
         # One bad key (or a lost Prefect API) fails every file alike: stop the chunk, mark
         # none of them failed.
+        # An output that stays unwritable stops the run: nothing more can be recorded.
         raise stopped.exceptions[0] from None
-    results = [done.result() for done in running]
-    tables: Rows = {}
-    for _, data_rows in results:
-        for table, rows in data_rows.items():
-            tables.setdefault(table, []).extend(rows)
-    # Data rows first, the ledger last: a crash in between re-sends the chunk, and
-    # compaction keeps one row per key.
-    fragment_id = hashlib.sha256(
-        (ctx.config_hash + "".join(sorted(o.file_id for o in objects))).encode()
-    ).hexdigest()[:16]
-    ledger = [file_row for file_row, _ in results]
-    writes = [(table, rows) for table, rows in [*sorted(tables.items()), ("files", ledger)] if rows]
-    # One thread hop for the chunk's tables: each hop is a wake-up of the event loop,
-    # which is busy with every other chunk's calls meanwhile.
-    await asyncio.to_thread(_write_tables, ctx.location, writes, fragment_id)
-    for table, rows in writes:
-        ctx.touched.update((table, row["date"]) for row in rows)
-    outcomes = [
-        FileOutcome(row["status"], row["error_class"], row["audio_duration_ms"]) for row in ledger
-    ]
-    for outcome in outcomes:
-        ctx.statuses[outcome.status] += 1
-        ctx.audio_ms += outcome.audio_duration_ms or 0
-    return outcomes
+    finally:
+        if ctx.claims is not None and durable:
+            await asyncio.to_thread(ctx.claims.mark_done, durable)
+    return [outcomes[o.file_id] for o in objects if o.file_id in outcomes]
 
 
-def _write_tables(
-    location: OutputLocation, writes: list[tuple[str, list[dict[str, Any]]]], fragment_id: str
-) -> None:
-    """Write the chunk's fragments in order (the ledger last; see process_chunk)."""
-    for table, rows in writes:
-        fragments.write_fragment(location, table, rows, fragment_id=fragment_id)
+async def finish_held(ctx: RunContext) -> None:
+    """After the listing: wait for the files other live runs held, within a bound.
+
+    A file its holder marks done is left to it (its rows are written); one whose holder died
+    is taken over and processed here. Past 10 leases the rest are left to their live holders.
+    """
+    if ctx.claims is None:
+        return
+    lease = ctx.claims.lease_s
+    deadline = time.monotonic() + CLAIM_WAIT_LEASES * lease
+    while ctx.held and time.monotonic() < deadline:
+        await asyncio.sleep(lease / CLAIM_POLLS_PER_LEASE)
+        held, ctx.held = ctx.held, []
+        await process_chunk(ctx, held)  # what is still held comes back to ctx.held
+    if ctx.held:
+        get_run_logger().warning(
+            "%d files are still held by another live run after %.0f s: left to it",
+            len(ctx.held), CLAIM_WAIT_LEASES * lease,
+        )
+        ctx.statuses[BY_OTHER_RUN] += len(ctx.held)
+        ctx.held = []
 
 
-def _infrastructure_failure(error: object) -> bool:
-    """Retry a chunk only for what a second try can mend (S3 or Parquet writes), never a
-    stop of the run; per-file retries live in `_call_with_policy`."""
-    return not isinstance(error, RunStopped | ModulateError | SlotsLost)
+async def _acquire(ctx: RunContext, file_ids: list[str]) -> Acquired:
+    if ctx.claims is None:
+        return Acquired(mine=file_ids)
+    return await asyncio.to_thread(ctx.claims.acquire, file_ids)  # one thread hop per chunk
+
+
+async def _process_and_write(
+    ctx: RunContext, obj: AudioObject, logger: logging.Logger | logging.LoggerAdapter[Any]
+) -> FileOutcome:
+    if ctx.writer is None:
+        raise RuntimeError("a RunContext that runs chunks needs a ResultsWriter")
+    ledger, rows = await _process_file(ctx, obj, logger)
+    await ctx.writer.put(ledger, rows)  # returns once the rows are durable
+    outcome = FileOutcome(ledger["status"], ledger["error_class"], ledger["audio_duration_ms"])
+    ctx.statuses[outcome.status] += 1
+    ctx.audio_ms += outcome.audio_duration_ms or 0
+    return outcome
 
 
 async def _process_file(
@@ -191,7 +226,7 @@ async def _process_file(
         "config_hash": ctx.config_hash,
         "model": ctx.job.model,
         "date": obj.date,
-        "flow_run_id": ctx.flow_run_id,  # the attempt: child rows follow its ledger row
+        "flow_run_id": ctx.flow_run_id,  # the attempt: child rows follow their file's winner
     }
     ledger = {
         **key,
@@ -232,6 +267,8 @@ async def _process_file(
         if ctx.budget is not None and (over := await ctx.budget.reserve(obj, audio)):
             return finish(DEFERRED_BUDGET, detail=over), {}
 
+        if ctx.writer is not None:
+            await ctx.writer.room()  # bounds what a crash loses (tasks/results_writer.py)
         ctx.pool.add_demand(1)
         try:
             result = await _call_with_policy(ctx, obj, audio, ledger)
@@ -245,10 +282,18 @@ async def _process_file(
         finally:
             ctx.pool.add_demand(-1)
             del audio  # the rows need only the result
-    rows = await ctx.job.rows(result, obj, key)
     ledger["audio_duration_ms"] = getattr(result, "duration_ms", None) or getattr(
         getattr(result, "metadata", None), "duration_ms", None
     )
+    try:
+        rows = await ctx.job.rows(result, obj, key)
+    except Exception as exc:  # noqa: BLE001 - one file's output (its redacted MP3) fails it alone
+        detail = f"the call succeeded but its output could not be written: {_s3_reason(exc)}"
+        return finish(FAILED, exc, detail=detail), {}
+    # The redacted MP3 of a PII file, as docs/data.md says of files.output_uri.
+    ledger["output_uri"] = next(
+        (row.get("redacted_audio_uri") for row in rows.get("redactions", [])), None
+    ) or None
     billed = getattr(ctx.job, "stream_model", ctx.job.model)  # a routed file uses the stream's
     rows[USAGE_TABLE] = [usage_row(finish(COMPLETED), billed)]
     return ledger, rows
@@ -270,6 +315,14 @@ async def _call_with_policy(
         gate=ctx.gate, policy=ctx.policy, slot=ctx.pool.slot, rng=ctx.rng,
         on_attempt=attempt, on_refusal=refused,
     )
+
+
+def _s3_reason(error: BaseException) -> str:
+    """The class of an output error and, for S3, its error code (log-safe: no key, no body)."""
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        return f"{type(error).__name__} {code}".strip()
+    return type(error).__name__
 
 
 def _safe_detail(error: BaseException) -> str:

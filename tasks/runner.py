@@ -46,11 +46,14 @@ from tasks.batch import (
     FAILED,
     RunContext,
     RunStopped,
+    finish_held,
     process_chunk,
 )
 from tasks.budget import BudgetReport, open_budget
+from tasks.claims import DEFAULT_LEASE_S, Claims
 from tasks.jobs import BatchJob, config_hash
 from tasks.ordering import DEFAULT_FILE_ORDER, LOOKAHEAD_OBJECTS, FileOrder, order_files
+from tasks.results_writer import OutputUnwritable, ResultsWriter, WritePolicy
 from tasks.s3 import AudioObject, S3Input, iter_audio
 from tasks.slots import SlotPool, SlotsLost
 from tasks.streaming import route_large_files
@@ -100,6 +103,10 @@ class RunSettings(BaseModel):
         description="Reckon the billing period and the run-out forecast as of this time "
         "(UTC) instead of now; for what-if runs.",
     )
+    claim_lease_seconds: float = Field(
+        default=DEFAULT_LEASE_S, ge=1, le=3600,
+        description="A run silent this long is dead: another run may send the files it claimed.",
+    )
 
 
 class RunSummary(BaseModel):
@@ -147,9 +154,18 @@ async def run_batch(
     done = LedgerLookup(location, job.model, job_hash)  # reads a date's partition when listed
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
 
+    run_policy = policy or DEFAULT_POLICY
     async with (
         SlotPool(limits.limit_name(job.model), fallback_limit=model_limit.concurrent) as pool,
         credentials.batch_client() as client,
+        Claims(
+            location, job.model, job_hash, flow_run_id, lease_s=settings.claim_lease_seconds
+        ) as claims,
+        # C results or 2 s, whichever first: a crash loses at most that and the calls in flight.
+        ResultsWriter(
+            location, job_hash, max_files=model_limit.concurrent,
+            policy=WritePolicy(time_scale=run_policy.time_scale),
+        ) as writer,
     ):
         ctx = RunContext(
             job=job,
@@ -160,32 +176,46 @@ async def run_batch(
                 model=job.model, declared=model_limit.concurrent, org=limits.organization,
                 source=f"limits block {settings.limits_block!r}",
             ),
-            policy=policy or DEFAULT_POLICY,
+            policy=run_policy,
             s3_client=s3_client,
             location=location,
             flow_run_id=flow_run_id,
+            writer=writer,
+            claims=claims,
         )
+
+        async def finished(obj: AudioObject) -> bool:
+            if not done.is_loaded(obj.date):  # the first object of a date reads its partition
+                await asyncio.to_thread(done.load, obj.date)
+            return done.status(obj.file_id, obj.date) in FINISHED
+
+        todo = iter_audio(s3_client, bucket.bucket_name, source, skip=finished)
         budget = ctx.budget = await open_budget(
             limits, job.model, location, now=settings.budget_as_of
         )
-        todo = order_files(
-            _not_finished(iter_audio(s3_client, bucket.bucket_name, source), done),
-            settings.file_order, settings.order_window,
-        )
+        todo = order_files(todo, settings.file_order, settings.order_window)
         stopped: BaseException | None = None
         s3_error: BaseException | None = None
+        unwritable: BaseException | None = None
         try:
             async with route_large_files(ctx, credentials.streaming_client(), limits):
                 await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
+                await finish_held(ctx)
         except* (AuthError, RunStopped, SlotsLost) as group:
             stopped = group.exceptions[0]
         except* (BotoCoreError, ClientError) as group:
             # Per-file reads are caught per file; what gets here is the listing or an
             # output write (no bucket, credentials, S3 down): say where, not a group trace.
             s3_error = group.exceptions[0]
+        except* (OutputUnwritable, OSError) as group:
+            # The writer retried as writes, never as calls; pyarrow raises OSError.
+            unwritable = group.exceptions[0]
 
-    for table, date in sorted(ctx.touched):
-        await asyncio.to_thread(compact, location, table, job.model, [date])
+    try:
+        for table, date in sorted(writer.touched):
+            await asyncio.to_thread(compact, location, table, job.model, [date])
+    except OSError as exc:  # what was written stays, uncompacted: readers dedupe (docs/data.md)
+        unwritable = unwritable or exc
     summary = RunSummary(
         model=job.model,
         config_hash=job_hash,
@@ -210,22 +240,18 @@ async def run_batch(
     )
     if stopped is not None:
         raise RuntimeError(_fix_message(stopped, settings)) from None
+    if unwritable is not None:
+        raise RuntimeError(
+            f"The output stopped the run: {unwritable}. Check the Modulate Parquet Output "
+            f"block {settings.output_block!r} ({location.root}). Written before the stop: "
+            f"{summary.files or 'no files'}; a rerun sends only the files not written."
+        ) from None
     if s3_error is not None:
         raise RuntimeError(
             f"S3 failed for s3://{bucket.bucket_name}/{source.prefix} (S3 Bucket block "
             f"{source.bucket_block!r}): {s3_error}"
         ) from None
     return _final_state(summary)
-
-
-async def _not_finished(
-    objects: AsyncIterator[AudioObject], done: LedgerLookup
-) -> AsyncIterator[AudioObject]:
-    async for obj in objects:
-        if not done.is_loaded(obj.date):
-            await asyncio.to_thread(done.load, obj.date)
-        if done.status(obj.file_id, obj.date) not in FINISHED:
-            yield obj
 
 
 async def _fan_out(

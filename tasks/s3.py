@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,7 +57,8 @@ class S3Input(BaseModel):
         default=None, description="Only objects modified at or after this time."
     )
     max_files: int | None = Field(
-        default=None, ge=1, description="Stop after this many matching objects."
+        default=None, ge=1,
+        description="Process at most this many matching objects not yet completed.",
     )
 
     @field_validator("modified_since")
@@ -98,13 +99,20 @@ class AudioObject:
         return self.last_modified.date().isoformat()
 
 
-async def iter_audio(s3_client: Any, bucket: str, selection: S3Input) -> AsyncIterator[AudioObject]:
+async def iter_audio(
+    s3_client: Any,
+    bucket: str,
+    selection: S3Input,
+    skip: Callable[[AudioObject], Awaitable[bool]] | None = None,
+) -> AsyncIterator[AudioObject]:
     """Yield the objects under the selection's prefix that match its pattern, page by page.
 
     Args:
         s3_client: A boto3 S3 client (endpoint override for moto or MinIO allowed).
         bucket: The bucket name.
         selection: Prefix, pattern, modified-since and max-files.
+        skip: Objects to pass over (the ledger's finished ones) before `max_files` counts,
+            so a rerun with max_files=100 takes the next 100, not the same finished ones.
     """
     yielded = 0
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": selection.prefix, "MaxKeys": PAGE_SIZE}
@@ -118,7 +126,7 @@ async def iter_audio(s3_client: Any, bucket: str, selection: S3Input) -> AsyncIt
                 etag=item["ETag"].strip('"'),
                 last_modified=item["LastModified"],
             )
-            if not _selected(obj, selection):
+            if not _selected(obj, selection) or (skip is not None and await skip(obj)):
                 continue
             yield obj
             yielded += 1

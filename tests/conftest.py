@@ -11,7 +11,7 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -100,3 +100,19 @@ async def org_env(
     )
     services.upload(bucket, {})
     return env
+
+
+@pytest.fixture
+def emulator(services: LocalServices) -> Iterator[Callable[..., Any]]:
+    """Admin calls to the shared emulator; faults, latency and details are put back after."""
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        response = httpx.request(method, f"{services.emulator_url}/_emulator{path}", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    yield call
+    call("PATCH", "/config", {
+        "faults": {"error_5xx_rate": 0.0, "drop_rate": 0.0, "garbled_rate": 0.0},
+        "latency": {"mean_s": 0.0}, "detail_family": "2026",
+    })

@@ -185,6 +185,9 @@ async def test_redaction_writes_mp3_and_vfast_transcribes(org_env) -> None:
     for uri in redactions.redacted_audio_uri:
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         assert client.get_object(Bucket=bucket, Key=key)["Body"].read()[:3] == b"ID3"
+    # files.output_uri holds the redacted MP3's URI, as docs/data.md says.
+    files = ledger(org_env).merge(redactions, on=["file_id", "config_hash"])
+    assert len(files) == 3 and (files.output_uri == files.redacted_audio_uri).all()
     fast = await transcribe_english_fast(source=source(org_env), settings=settings(org_env))
     assert fast.files == {"completed": 3}
     transcripts = pd.read_parquet(org_env.output / "transcripts")

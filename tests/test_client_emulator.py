@@ -23,6 +23,7 @@ from modulate import (
     ConcurrencyLimited,
     Done,
     FrameEvent,
+    GiveUp,
     ModelNotEnabled,
     ModulateError,
     MonthlyLimitReached,
@@ -31,11 +32,14 @@ from modulate import (
     PlatformFlags,
     PlatformWire,
     RedactionOptions,
+    RetryPolicy,
     StreamingClient,
     StreamParams,
     STTOptions,
     Transient,
+    UnreadableResponse,
     UtteranceEvent,
+    decide,
 )
 from modulate.batch import _multipart
 
@@ -373,6 +377,18 @@ async def test_batch_faults_are_transient(emulator: Any, fault: str, model: str)
     async with batch(emulator) as client:
         with pytest.raises(Transient):
             await call_batch(client, model)
+
+
+@pytest.mark.parametrize("model", BATCH)
+async def test_a_garbled_2xx_is_unreadable_not_transient(emulator: Any, model: str) -> None:
+    admin_config(emulator, faults={"garbled_rate": 1.0})
+    async with batch(emulator) as client:
+        with pytest.raises(UnreadableResponse) as info:
+            await call_batch(client, model)
+    assert "unreadable response (HTTP 200" in str(info.value) and "bytes" in str(info.value)
+    assert decide(RetryPolicy.for_tests(), info.value, 1, 0.0) == GiveUp(
+        "UnreadableResponse is not retried"
+    )
 
 
 async def stream_error(

@@ -555,7 +555,7 @@ async def test_admin_routes(client: httpx.AsyncClient, emu: RunningEmulator) -> 
     assert stats["orgs"]["demo"]["svd"]["completed"] == 1
     assert set(stats["orgs"]["demo"]["svd"]["rejections"]) == {
         "concurrency", "monthly", "auth", "not_enabled", "bad_input", "fault_5xx", "dropped",
-        "slow"}
+        "slow", "garbled"}
     await client.post("/_emulator/stats/reset")
     stats = (await client.get("/_emulator/stats")).json()
     assert stats["orgs"]["demo"]["svd"]["completed"] == 0

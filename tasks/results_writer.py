@@ -1,0 +1,234 @@
+"""Make each file's result durable within seconds of its call, not at the end of its chunk.
+
+A run has one `ResultsWriter`. Every file hands it its ledger row and data rows the moment it
+ends (`put`), and `put` returns once those rows are on the output. The writer flushes what it
+holds when it has `max_files` files or its oldest file has waited `max_delay_s` (whichever comes
+first; the run passes the model's concurrent limit C and 2 s), one flush at a time, in a thread:
+data tables first, the `files` ledger last, so a ledger row never points at rows that are not
+there. A flush's fragment name is a hash of the config and its file ids, so writing it again
+overwrites it.
+
+A file waits for `room()` before its call while twice `max_files` paid results (files that
+made a call) wait to be written:
+so at any moment at most 2C results are paid for and not yet durable, plus the C calls in
+flight, whatever the speed of the output. A SIGKILL loses no more than those 3C.
+
+A failed write is retried as a write (bounded backoff), never by calling the service again. A
+write that still fails breaks the writer: every waiting and later `put` raises
+`OutputUnwritable`, which names the table and where it lives, and the run stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from store.fragments import write_fragment
+from store.location import OutputLocation
+
+__all__ = ["DEFAULT_MAX_DELAY_S", "OutputUnwritable", "ResultsWriter", "WritePolicy"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_DELAY_S = 2.0
+Rows = dict[str, list[dict[str, Any]]]
+
+
+class OutputUnwritable(Exception):
+    """The output stayed unwritable after every retry; rows of paid calls could not be saved."""
+
+    def __init__(self, table: str, where: str, error: BaseException) -> None:
+        # The error's class and text: pyarrow's and botocore's name the path and the S3 code,
+        # never a key (they are not in their messages).
+        super().__init__(f"could not write the {table} table to {where}: "
+                         f"{type(error).__name__}: {error}")
+        self.table = table
+        self.where = where
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect may pickle a task's exception; the default would call __init__(message).
+        return (type(self), (self.table, self.where, self.error))
+
+
+@dataclass(frozen=True)
+class WritePolicy:
+    """How a failed flush is retried: `attempts` in all, waits `initial_s * 2^(n-1)` up to
+    `cap_s` (0.5 + 1 + 2 + 4 = 7.5 s in all by default), each multiplied by `time_scale`."""
+
+    attempts: int = 5
+    initial_s: float = 0.5
+    cap_s: float = 8.0
+    time_scale: float = 1.0
+
+    def wait(self, attempt: int) -> float:
+        return min(self.cap_s, self.initial_s * 2 ** (attempt - 1)) * self.time_scale
+
+
+class ResultsWriter:
+    """Buffers finished files' rows and flushes them within a bound; see the module docstring.
+
+    Args:
+        location: The output root.
+        config_hash: The run's job config, part of every fragment name.
+        max_files: Flush once this many files wait (the run gives the concurrent limit).
+        max_delay_s: Flush once the oldest waiting file has waited this long.
+        policy: Retries of a failed flush.
+    """
+
+    def __init__(
+        self,
+        location: OutputLocation,
+        config_hash: str,
+        *,
+        max_files: int,
+        max_delay_s: float = DEFAULT_MAX_DELAY_S,
+        policy: WritePolicy | None = None,
+    ) -> None:
+        if max_files < 1:
+            raise ValueError("max_files must be at least 1")
+        self.location = location
+        self.config_hash = config_hash
+        self.max_files = max_files
+        self.max_delay_s = max_delay_s
+        self.policy = policy or WritePolicy()
+        self.touched: set[tuple[str, str]] = set()  # (table, date) written, for compaction
+        self.flushes = 0
+        self.failure: OutputUnwritable | None = None
+        self.window = 2 * max_files
+        # Paid results handed over and not yet written (pending and being written); files
+        # that made no call (deferred, skipped) do not count: a crash costs nothing for them.
+        self._undurable = 0
+        self._room = asyncio.Condition()
+        self._pending: list[tuple[dict[str, Any], Rows, asyncio.Future[None]]] = []
+        self._oldest = 0.0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ResultsWriter:
+        self._flusher = asyncio.create_task(self._flush_loop(), name="results-writer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Flush what is left (also when the run stops: those calls were paid for)."""
+        self._closing = True
+        self._wake.set()
+        if self._flusher is not None:
+            await self._flusher
+
+    async def room(self) -> None:
+        """Wait until fewer than `window` results wait to be written (call before a call).
+
+        Raises:
+            OutputUnwritable: the output could not be written.
+        """
+        if self._undurable >= self.window and self.failure is None:
+            async with self._room:
+                await self._room.wait_for(
+                    lambda: self._undurable < self.window or self.failure is not None
+                )
+        if self.failure is not None:
+            raise self.failure
+
+    async def put(self, ledger_row: dict[str, Any], rows: Rows) -> None:
+        """Hand over one finished file; returns once its rows are written.
+
+        Raises:
+            OutputUnwritable: the output could not be written (this flush or an earlier one).
+        """
+        if self.failure is not None:
+            raise self.failure
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            self._oldest = time.monotonic()
+        self._pending.append((ledger_row, rows, done))
+        self._undurable += _paid(ledger_row)
+        self._wake.set()
+        # Shielded: a cancelled waiter leaves its rows to be written all the same.
+        await asyncio.shield(done)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                if len(self._pending) < self.max_files and not self._closing:
+                    delay = self._oldest + self.max_delay_s - time.monotonic()
+                    if delay > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), delay)
+                        self._wake.clear()
+                        continue
+                # All that waits, also past max_files: after a slow write, fewer larger
+                # fragments catch up faster than many small ones.
+                batch, self._pending = self._pending, []
+                await self._flush(batch)
+            if self._closing:
+                return
+
+    async def _flush(self, batch: list[tuple[dict[str, Any], Rows, asyncio.Future[None]]]) -> None:
+        ledger = [row for row, _, _ in batch]
+        tables: Rows = {}
+        for _, rows, _ in batch:
+            for table, table_rows in rows.items():
+                tables.setdefault(table, []).extend(table_rows)
+        writes = [(t, r) for t, r in [*sorted(tables.items()), ("files", ledger)] if r]
+        fragment_id = hashlib.sha256(
+            (self.config_hash + "".join(sorted(row["file_id"] for row in ledger))).encode()
+        ).hexdigest()[:16]
+        if self.failure is None:
+            try:
+                # One thread hop per flush: the event loop is busy with the calls meanwhile.
+                await asyncio.to_thread(self._write, writes, fragment_id)
+            except OutputUnwritable as exc:
+                self.failure = exc
+        self._undurable -= sum(_paid(row) for row in ledger)
+        async with self._room:
+            self._room.notify_all()
+        for _, _, done in batch:
+            if done.done():
+                continue
+            if self.failure is not None:
+                done.set_exception(self.failure)
+                done.exception()  # retrieved here: a waiter cancelled meanwhile never reads it
+            else:
+                done.set_result(None)
+        if self.failure is not None:
+            return
+        self.flushes += 1
+        for table, rows in writes:
+            self.touched.update((table, row["date"]) for row in rows)
+
+    def _write(self, writes: list[tuple[str, list[dict[str, Any]]]], fragment_id: str) -> None:
+        """Write the flush's fragments in order, retrying each failed one as a write."""
+        for table, rows in writes:
+            for attempt in range(1, self.policy.attempts + 1):
+                try:
+                    write_fragment(self.location, table, rows, fragment_id=fragment_id)
+                    break
+                except OSError as exc:  # what pyarrow raises for local and S3 I/O alike
+                    if attempt == self.policy.attempts:
+                        raise OutputUnwritable(table, self.location.uri(table), exc) from exc
+                    wait = self.policy.wait(attempt)
+                    logger.warning(
+                        "writing %s to %s failed (%s), attempt %d of %d; again in %.1f s",
+                        table, self.location.uri(table), type(exc).__name__, attempt,
+                        self.policy.attempts, wait,
+                    )
+                    time.sleep(wait)  # in the writer's thread, not the event loop
+
+
+def _paid(ledger_row: dict[str, Any]) -> int:
+    return 1 if (ledger_row.get("attempts") or 0) > 0 else 0
