@@ -249,6 +249,7 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
                 _field("audio_duration_ms", pa.int64(), "Audio duration the call was charged, ms."),
                 _field("finished_at", _TIMESTAMP, "When the call finished (UTC)."),
                 _field("flow_run_id", pa.string(), "Prefect flow run that made the call."),
+                child=False,
             ),
             _field(
                 "model",
@@ -270,7 +271,11 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
 
 LEDGER_TABLE = "files"
 # A file's rows beside its ledger row; they follow the ledger's winner (store/winners.py).
-CHILD_TABLES = frozenset(name for name in TABLES if name not in {LEDGER_TABLE, "platform_results"})
+# `usage` is partitioned by the day a call finished, not the object's date: it keeps the
+# latest row of a key instead, like platform_results.
+CHILD_TABLES = frozenset(
+    name for name in TABLES if name not in {LEDGER_TABLE, "platform_results", "usage"}
+)
 
 
 def group_columns(name: str) -> tuple[str, ...]:
