@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from .errors import ConcurrencyLimited, ModulateError, MonthlyLimitReached
 
-__all__ = ["BREAKER_MAX_THRESHOLD", "ModelGate", "Permit", "Ticket"]
+__all__ = ["ModelGate"]
 
 BREAKER_MAX_THRESHOLD = 3
 _MAX_RAISE_BACKOFF = 6  # a raise of the gate waits at most limit * 2**6 successes

@@ -25,7 +25,7 @@ from emulator import EmulatorConfig, ModelLimits, OrgConfig  # noqa: E402
 from modulate_flows.local import LocalServices, local_services, save_blocks  # noqa: E402
 
 # One emulator org per test that needs its own counters; the key is "key-<org>".
-TEST_ORGS = [f"org{i}" for i in range(60)]
+TEST_ORGS = [f"org{i}" for i in range(120)]
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,7 @@ def services() -> Iterator[LocalServices]:
             OrgConfig(
                 name=org,
                 velma_keys=[f"key-{org}"],
-                platform_account_uuid=f"00000000-0000-4000-8000-0000000000{i:02d}",
+                platform_account_uuid=f"00000000-0000-4000-8000-{i:012d}",
                 platform_api_key=f"platform-key-{org}",
                 models={"stt": ModelLimits(concurrent=4), "svd": ModelLimits(concurrent=4)},
             )
@@ -95,7 +95,7 @@ async def org_env(
         organization=org,
         api_key=f"key-{org}",
         limits={"stt": ModelLimit(concurrent=4), "svd": ModelLimit(concurrent=4)},
-        platform_account=f"00000000-0000-4000-8000-0000000000{TEST_ORGS.index(org):02d}",
+        platform_account=f"00000000-0000-4000-8000-{TEST_ORGS.index(org):012d}",
         platform_key=f"platform-key-{org}",
     )
     services.upload(bucket, {})

@@ -36,8 +36,10 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def settings(env, **kw) -> RunSettings:
+    """The files go in S3 key order, so which ones the budget covers is known."""
     return RunSettings(
-        credentials_block=env.block, limits_block=env.block, output_block=env.block, **kw
+        credentials_block=env.block, limits_block=env.block, output_block=env.block,
+        file_order="listing", **kw,
     )
 
 

@@ -343,6 +343,7 @@ def test_streaming_param_misuse(endpoint: str, params: StreamParams) -> None:
 def test_exports_are_complete_and_sorted() -> None:
     import modulate.batch
     import modulate.errors
+    import modulate.gate
     import modulate.limits
     import modulate.models
     import modulate.platform
@@ -350,8 +351,8 @@ def test_exports_are_complete_and_sorted() -> None:
 
     expected: set[str] = set()
     for module in (
-        modulate.batch, modulate.errors, modulate.limits, modulate.models, modulate.platform,
-        modulate.streaming,
+        modulate.batch, modulate.errors, modulate.gate, modulate.limits, modulate.models,
+        modulate.platform, modulate.streaming,
     ):
         expected |= set(module.__all__)
     assert set(modulate.__all__) == expected
