@@ -333,35 +333,25 @@ def _summary_lines(summary: RunSummary) -> list[tuple[str, Any]]:
     return lines
 
 
+# The first status present names the run's state (all of COMPLETED type: nothing is lost).
+_STATES: tuple[tuple[str, str, str], ...] = (
+    (DEFERRED, "Deferred", "Monthly limit reached ({note}); {counts}. "
+     "Rerun after the limit resets to send the deferred and failed files."),
+    (DEFERRED_BUDGET, "Deferred by budget", "{note}; {counts}. A rerun in the next billing "
+     "period sends the deferred and failed files."),
+    (DEFERRED_CONCURRENCY, "Deferred", "The service kept refusing calls for concurrency; "
+     "{counts}. Other clients of the organisation may be using its limit: rerun later to send "
+     "the deferred files."),
+    (FAILED, "Completed with failures", "{counts}; the files table says why each failed."),
+)
+
+
 def _final_state(summary: RunSummary) -> State:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.files.items())) or "no files"
-    if summary.files.get(DEFERRED):
-        return Completed(
-            name="Deferred",
-            message=f"Monthly limit reached ({summary.note}); {counts}. "
-            "Rerun after the limit resets to send the deferred and failed files.",
-            data=summary,
-        )
-    if summary.files.get(DEFERRED_BUDGET):
-        return Completed(
-            name="Deferred by budget",
-            message=f"{summary.note}; {counts}. A rerun in the next billing period sends the "
-            "deferred and failed files.",
-            data=summary,
-        )
-    if summary.files.get(DEFERRED_CONCURRENCY):
-        return Completed(
-            name="Deferred",
-            message=f"The service kept refusing calls for concurrency; {counts}. Other clients "
-            "of the organisation may be using its limit: rerun later to send the deferred files.",
-            data=summary,
-        )
-    if summary.files.get(FAILED):
-        return Completed(
-            name="Completed with failures",
-            message=f"{counts}; the files table says why each failed.",
-            data=summary,
-        )
+    for status, name, message in _STATES:
+        if summary.files.get(status):
+            text = message.format(note=summary.note, counts=counts)
+            return Completed(name=name, message=text, data=summary)
     return Completed(message=counts, data=summary)
 
 

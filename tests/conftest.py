@@ -10,6 +10,10 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+# pytest-xdist's workers inherit COLUMNS=80 from execnet; the CLI tests read the output as a
+# user who pipes it sees it (modulate_flows/console.py), so the worker's width must not leak in.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402

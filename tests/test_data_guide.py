@@ -105,7 +105,7 @@ def _one_row_per_key_for_every_reader(root: str) -> None:
         frame = pd.read_parquet(f"{root}/{table}")
         assert not frame.duplicated(key).any() and len(frame) > 0, table
         glob = f"{root}/{table}/**/*.parquet"
-        counts = duckdb.sql(
+        counts = duckdb.connect().sql(  # not the default connection the guide's code used
             f"select count(*), count(distinct ({', '.join(key)})) "
             f"from read_parquet('{glob}', hive_partitioning = true)"
         ).fetchall()[0]
