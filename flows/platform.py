@@ -133,7 +133,7 @@ async def platform_jobs(
         credentials.platform_client() as client,
     ):
         gate = ModelGate(
-            model=MODEL, declared=concurrent, org=limits.organization,
+            model=MODEL, declared=concurrent,
             source=f"limits block {settings.limits_block!r}",
         )
         run = PlatformRun(

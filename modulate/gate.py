@@ -63,13 +63,10 @@ class ModelGate:
     lives on one event loop.
     """
 
-    def __init__(
-        self, *, model: str, declared: int, org: str | None = None, source: str | None = None
-    ) -> None:
+    def __init__(self, *, model: str, declared: int, source: str | None = None) -> None:
         if declared < 1:
             raise ValueError("declared must be at least 1")
         self.model = model
-        self.org = org
         self.declared = declared
         self.source = source or "the limits block"  # named in the warning, e.g. "limits block 'x'"
         self.limit = declared

@@ -41,7 +41,7 @@ from modulate import (
 from store.fragments import write_fragment
 from store.job_records import JobFileRecord, JobRecord, save_record, save_status
 from store.location import OutputLocation
-from tasks.batch import RunStopped
+from tasks.batch import DEFERRED, DEFERRED_CONCURRENCY, RunStopped
 from tasks.s3 import read_object
 from tasks.slots import SlotPool
 
@@ -219,7 +219,7 @@ async def submit_job(run: PlatformRun, record: JobRecord) -> JobRecord:
             audio = await read_object(run.s3_client, *_bucket_key(f.source_uri))
             submission = await _post(run, f, audio, record.job_id, finalize=last)
         except Deferred as exc:
-            status = "deferred_quota" if exc.kind == "quota" else "deferred_concurrency"
+            status = DEFERRED if exc.kind == "quota" else DEFERRED_CONCURRENCY
             for rest in pending[i:]:
                 rest.error = "deferred"
                 failed.append(run.ledger_row(rest, status, error="Deferred", detail=exc.reason))

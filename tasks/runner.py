@@ -173,7 +173,7 @@ async def run_batch(
             client=client,
             pool=pool,
             gate=ModelGate(
-                model=job.model, declared=model_limit.concurrent, org=limits.organization,
+                model=job.model, declared=model_limit.concurrent,
                 source=f"limits block {settings.limits_block!r}",
             ),
             policy=run_policy,

@@ -308,7 +308,6 @@ class StreamRoute:
                     job=self.job, config_hash=parent.config_hash, client=parent.client,
                     pool=pool, policy=parent.policy, s3_client=parent.s3_client,
                     gate=ModelGate(model=model, declared=limit.concurrent,
-                                   org=self.limits.organization,
                                    source=parent.gate.source),
                     location=parent.location, flow_run_id=parent.flow_run_id,
                 )
