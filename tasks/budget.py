@@ -149,8 +149,9 @@ class BudgetGate:
                     obj.file_id, ORDER_WAIT_SECONDS,
                 )
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(decided.wait(), left)
+            with contextlib.suppress(TimeoutError):  # not wait_for: see tasks/slots.py
+                async with asyncio.timeout(left):
+                    await decided.wait()
         self._leave_line(obj.file_id)
         if self.closed:
             return self.closed

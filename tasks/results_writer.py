@@ -167,8 +167,10 @@ class ResultsWriter:
                 if len(self._pending) < self.max_files and not self._closing:
                     delay = self._oldest + self.max_delay_s - time.monotonic()
                     if delay > 0:
+                        # Not wait_for, which can swallow a cancel (see tasks/slots.py).
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), delay)
+                            async with asyncio.timeout(delay):
+                                await self._wake.wait()
                         self._wake.clear()
                         continue
                 # All that waits, also past max_files: after a slow write, fewer larger

@@ -4,7 +4,13 @@ Waiting on the Prefect server per call costs a round trip and serialises every a
 one limit in a process (DESIGN.md section 3). So a run leases slots while it has queued
 work, in units of about C/8 so it can give some back; renews the leases; gives back what
 its queue, its gate (the concurrency the service accepts) or its fair share no longer
-needs; and lets its own calls share what it holds through a local FIFO queue. A dead
+needs; and lets its own calls share what it holds through a local FIFO queue.
+
+A lease is given back whole, so a surplus is returned as the smallest set of leases that
+covers it; meanwhile no new call gets those slots, and once the calls on them have ended
+the set goes back and singles top the run up to its target again. (Returning whatever
+whole leases fit as calls end one by one spends the singles first and leaves a surplus no
+lease fits: 16 held, 13 used and 3 idle for good.) A dead
 worker's leases expire on the server after `lease_duration`, so no slot leaks.
 
 Fair share: every run with work holds one slot of `<limit>:runs`, and every run that
@@ -108,6 +114,7 @@ class SlotPool:
         self.ceiling = fallback_limit  # what the service accepts, as the run's gate learns it
         self._limit_id: UUID | None = None
         self._leases: list[_Lease] = []
+        self._returning = 0  # slots of the leases chosen to go back, no longer handed out
         self._registry: dict[str, _Lease | None] = dict.fromkeys(registry_names(name))
         self._runs = 1
         self._others_waiting = False
@@ -144,6 +151,7 @@ class SlotPool:
             self.limit = found.limit
             self._limit_id = found.id
             self._maintainer = asyncio.create_task(self._maintain(), name=f"slots {self.name}")
+            self._maintainer.add_done_callback(self._maintainer_ended)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -207,7 +215,7 @@ class SlotPool:
             self._wake.set()
 
     def _usable(self) -> int:
-        usable = min(self.held, self.ceiling)
+        usable = min(self.held - self._returning, self.ceiling)
         return min(usable, self.fair_share) if self._others_waiting else usable
 
     def _grant(self) -> None:
@@ -219,6 +227,18 @@ class SlotPool:
                 continue
             self._in_use += 1
             granted.set_result(None)
+
+    def _maintainer_ended(self, task: asyncio.Task[None]) -> None:
+        """A bug in the maintainer must fail the waiters, not leave them waiting forever."""
+        if task.cancelled() or self._lost is not None:
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("The lease keeper of %r failed: %r", self.name, error)
+            self._fail(SlotsLost(
+                f"The lease keeper of the Prefect concurrency limit {self.name!r} failed "
+                f"({type(error).__name__}); the run stops with its results so far."
+            ))
 
     def _fail(self, error: SlotsLost) -> None:
         self._lost = error
@@ -281,9 +301,12 @@ class SlotPool:
                 failures, last_ok = 0, loop.time()
                 self._wake.clear()
                 # Woken early when demand changes or a call ends; otherwise poll for
-                # slots other runs have freed.
+                # slots other runs have freed. asyncio.timeout, not wait_for: Python 3.11's
+                # wait_for can swallow a cancel that lands as the wait ends, and then
+                # __aexit__ waits on this task forever (seen with 50 calls ending at once).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), TOPUP_INTERVAL_SECONDS)
+                    async with asyncio.timeout(TOPUP_INTERVAL_SECONDS):
+                        await self._wake.wait()
 
     def _target(self) -> int:
         """How many slots this run should hold now."""
@@ -312,19 +335,22 @@ class SlotPool:
         await self._register(client, "waiting", self._target() > self.held)
 
     async def _give_back(self, client: PrefectClient) -> None:
-        """Release whole leases worth at most the spare slots, largest first.
+        """Give back the smallest set of whole leases that covers the surplus, once free.
 
         Never part of a lease: the slots given back must be free of our calls the moment
-        another run can take them. The ones and twos _top_up keeps make any amount fit.
+        another run can take them.
         """
-        spare = self.held - max(self._target(), self._in_use)
-        for lease in sorted(self._leases, key=lambda lease: -lease.slots):
-            if spare <= 0:
-                return
-            if lease.slots <= spare:
+        surplus = self.held - self._target()
+        chosen = _smallest_cover(self._leases, surplus) if surplus > 0 else []
+        self._returning = sum(lease.slots for lease in chosen)
+        self._grant()  # the surplus may have shrunk since the last look
+        if not chosen or self._in_use > self.held - self._returning:
+            return  # its calls are still on those slots; _grant hands them out no more
+        for lease in chosen:  # each counts as held until the server has it back
+            await self._release(client, lease)
+            if lease in self._leases:  # not forgotten meanwhile
                 self._leases.remove(lease)
-                spare -= lease.slots
-                await self._release(client, lease)
+        self._returning = 0
 
     async def _share(self, client: PrefectClient) -> None:
         """Check the limit is still there, join or leave the registry, and count the runs."""
@@ -433,6 +459,17 @@ async def _read_or_create(client: PrefectClient, name: str) -> GlobalConcurrency
                 GlobalConcurrencyLimitCreate(name=name, limit=REGISTRY_LIMIT)
             )
         return await client.read_global_concurrency_limit_by_name(name)
+
+
+def _smallest_cover(leases: list[_Lease], at_least: int) -> list[_Lease]:
+    """The leases whose slots add up to the least total of at least `at_least` (all of
+    them if none do). A run holds about a dozen leases, so every reachable total is kept."""
+    best: dict[int, list[_Lease]] = {0: []}
+    for lease in leases:
+        for total, chosen in list(best.items()):
+            best.setdefault(total + lease.slots, [*chosen, lease])
+    covering = [total for total in best if total >= at_least]
+    return best[min(covering)] if covering else list(leases)
 
 
 def _backoff(failures: int) -> float:

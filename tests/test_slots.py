@@ -206,43 +206,52 @@ async def until_async(read, expected: int, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("limit", [8, 25])
 async def test_a_second_run_gets_half_while_the_first_holds_every_slot(
-    prefect_server: None,
+    prefect_server: None, limit: int
 ) -> None:
-    """Case 4: today the first run kept all C until its last call ended."""
-    limit = 8
+    """Case 4: today the first run kept all C until its last call ended.
+
+    At 25 the leases come in pieces of 4 with singles; calls that end one at a time used to
+    give back the singles first and leave the rest unreturnable (16 held, 13 used, 9 for
+    the second run), so the pair kept only 22 of 25 busy.
+    """
     name = await new_limit(limit)
     async with SlotPool(name, fallback_limit=limit, renew_every=0.2) as first:
         first.add_demand(1000)
         await until(lambda: first.held == limit, what="the first run holding every slot")
-        async with contextlib.AsyncExitStack() as stack:
-            second = await stack.enter_async_context(
-                SlotPool(name, fallback_limit=limit, renew_every=0.2)
-            )
-            second.add_demand(1000)
-            # The first run's calls keep ending and starting, as a busy run's do.
-            churn = asyncio.create_task(_churn(first, 200))
-            try:
-                await until(
-                    lambda: second.held >= limit // 2, what="the second run's half", timeout=30
-                )
-            finally:
-                churn.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await churn
-            assert first.held + second.held <= limit
-            assert first.held <= -(-limit // 2)
+        busy = asyncio.create_task(_churn(first, limit))  # calls end and start, as a busy run's
+        try:
+            await until(lambda: first.max_in_use == limit, what="the first run's calls")
+            async with SlotPool(name, fallback_limit=limit, renew_every=0.2) as second:
+                second.add_demand(1000)
+                also_busy = asyncio.create_task(_churn(second, limit))
+                try:
+                    await until(
+                        lambda: second.held >= limit // 2 and first.held + second.held == limit,
+                        what="the second run's half, and every slot held", timeout=30,
+                    )
+                finally:
+                    also_busy.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await also_busy
+                assert first.held <= -(-limit // 2)
+        finally:
+            busy.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await busy
         runs, waiting = registry_names(name)
         async with get_client() as client:
             assert (await client.read_global_concurrency_limit_by_name(runs)).active_slots <= 1
 
 
-async def _churn(pool: SlotPool, calls: int) -> None:
-    """Short calls back to back on every slot the pool grants."""
+async def _churn(pool: SlotPool, workers: int) -> None:
+    """`workers` callers making calls back to back, staggered so that they end one at a time
+    (one every 20 ms, as 25 calls of 0.5 s do)."""
 
-    async def call() -> None:
-        async with pool.slot():
-            await asyncio.sleep(0.01)  # the call's latency
+    async def caller(k: int) -> None:
+        while True:
+            async with pool.slot():
+                await asyncio.sleep(0.3 + 0.02 * k)  # the call's latency
 
-    for _ in range(calls):
-        await asyncio.gather(*(call() for _ in range(8)))
+    await asyncio.gather(*(caller(k) for k in range(workers)))
