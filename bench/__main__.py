@@ -9,11 +9,11 @@ from pathlib import Path
 
 # Mirrors bench.run.ORGS, which cannot be imported before configure_environment().
 CONTENDERS = ("ours-small", "ours", "plain", "naive")
-MODES = ("mixed", "shared", "workers")
+MODES = ("mixed", "evidence", "shared", "workers")
 # "workers" starts PostgreSQL (installing it if missing) and two Prefect servers: only
 # when asked for (`--only workers`), never in the default run or CI's quick one.
-DEFAULT = (*CONTENDERS, "mixed", "shared")
-QUICK_DEFAULT = (*CONTENDERS, "mixed")
+DEFAULT = (*CONTENDERS, "mixed", "evidence", "shared")
+QUICK_DEFAULT = (*CONTENDERS, "mixed", "evidence")
 
 __all__ = ["configure_environment", "main"]
 
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     configure_environment()
+    from bench import evidence
     from bench.mixed import MIXED_FILES, QUICK_MIXED_FILES
     from bench.run import DEFAULT_FILES, DEFAULT_NAIVE_FILES, QUICK, RESULTS, run_bench
 
@@ -55,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_bench(files=files, naive_files=naive, chunk_size=args.chunk_size,
               output=args.output or RESULTS,
               only=frozenset(args.only or (QUICK_DEFAULT if args.quick else DEFAULT)),
-              profile=args.profile, mixed_files=mixed, quick=args.quick)
+              profile=args.profile, mixed_files=mixed, quick=args.quick,
+              evidence_files=evidence.QUICK_FILES if args.quick else evidence.FILES)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 from prefect.testing.utilities import prefect_test_harness
 from rich.console import Console
 
-from bench import contenders, mixed, report, shared, workers
+from bench import contenders, evidence, mixed, report, shared, workers
 from bench.services import BenchServices, bench_files, start_services, upload
 
 __all__ = ["DEFAULT_FILES", "QUICK", "run_bench"]
@@ -46,10 +46,12 @@ def run_bench(
     profile: Path | None = None,
     mixed_files: int = mixed.MIXED_FILES,
     quick: bool = False,
+    evidence_files: int = evidence.FILES,
 ) -> dict[str, Any]:
     """Run the contenders and modes in `only`, write the JSON, print the tables.
 
-    Contenders and the "mixed" mode share one set of services and a Prefect test server;
+    Contenders and the "mixed" and "evidence" modes share one set of services and a Prefect
+    test server;
     "shared" and "workers" start servers and workers of their own. `only` picks (to iterate
     on one; the contenders' targets need all four); `profile` cProfiles our flow's runs
     into `<profile>-<contender>.prof`; `quick` shrinks "shared" and "workers" too.
@@ -60,15 +62,19 @@ def run_bench(
     naive_files = min(naive_files, files)
     small = min(SMALL_FILES, max(1, files // 5))
     runs: dict[str, dict[str, Any]] = {}
-    mixed_run: dict[str, Any] | None = None
-    if only & {*ORGS, "mixed"}:
-        runs, mixed_run = _in_harness(
-            files, small, naive_files, chunk_size, console, only, profile, mixed_files
+    in_harness: dict[str, dict[str, Any]] = {}
+    if only & {*ORGS, "mixed", "evidence"}:
+        runs, in_harness = _in_harness(
+            files, small, naive_files, chunk_size, console, only, profile, mixed_files,
+            evidence_files,
         )
     results = _results(runs, files, small, naive_files, chunk_size)
-    if mixed_run is not None:
-        results["mixed"] = mixed_run
-        results["targets"] += mixed.targets(mixed_run)
+    if "mixed" in in_harness:
+        results["mixed"] = in_harness["mixed"]
+        results["targets"] += mixed.targets(results["mixed"])
+    if "evidence" in in_harness:
+        results["evidence"] = in_harness["evidence"]
+        results["targets"] += evidence.targets(results["evidence"])
     if "shared" in only:
         results["shared"] = shared.run_shared(concurrent=CONCURRENT, console=console, quick=quick)
         results["targets"] += shared.targets(results["shared"])
@@ -80,8 +86,10 @@ def run_bench(
     report.write_json(results, output)
     if runs:
         report.print_runs(results, console)
-    if mixed_run is not None:
-        mixed.print_mixed(mixed_run, console)
+    if "mixed" in results:
+        mixed.print_mixed(results["mixed"], console)
+    if "evidence" in results:
+        evidence.print_evidence(results["evidence"], console)
     if "shared" in results:
         shared.print_shared(results["shared"], console)
     if "workers" in results:
@@ -93,11 +101,13 @@ def run_bench(
 
 def _in_harness(
     files: int, small: int, naive_files: int, chunk_size: int | None, console: Console,
-    only: frozenset[str], profile: Path | None, mixed_files: int,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """The contenders and the mixed mode: one emulator, one moto, one Prefect test server."""
-    mixed_run: dict[str, Any] | None = None
-    with start_services(ORGS + mixed.MIXED_ORGS, CONCURRENT) as services:
+    only: frozenset[str], profile: Path | None, mixed_files: int, evidence_files: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The contenders, the mixed and the evidence modes: one emulator, one moto, one Prefect
+    test server. Returns the contenders' runs and the modes' results by name."""
+    modes: dict[str, dict[str, Any]] = {}
+    orgs = ORGS + mixed.MIXED_ORGS + evidence.EVIDENCE_ORGS
+    with start_services(orgs, CONCURRENT) as services:
         if only & set(ORGS):
             console.print(f"Uploading {files} files to moto ({services.local.s3_endpoint})")
             upload(services, BUCKET, bench_files(files, PREFIX))
@@ -109,11 +119,17 @@ def _in_harness(
             ))
             if "mixed" in only:
                 with tempfile.TemporaryDirectory(prefix="modulate-bench-mixed-") as out:
-                    mixed_run = asyncio.run(mixed.run_mixed(
+                    modes["mixed"] = asyncio.run(mixed.run_mixed(
                         services, bucket=BUCKET, files=mixed_files, concurrent=CONCURRENT,
                         output_root=out, console=console,
                     ))
-    return runs, mixed_run
+            if "evidence" in only:  # last: it switches the emulator's detail family
+                with tempfile.TemporaryDirectory(prefix="modulate-bench-evidence-") as out:
+                    modes["evidence"] = asyncio.run(evidence.run_evidence(
+                        services, bucket=BUCKET, files=evidence_files, latency_s=LATENCY_S,
+                        output_root=out, console=console,
+                    ))
+    return runs, modes
 
 
 async def _run_all(

@@ -23,7 +23,7 @@ MIXED_SIDE = {
     "completed", "seconds", "of_bound", "first_call_s", "last_call_s", "busy_first_to_last",
     "max_in_flight", "rejections", "cpu_ms_per_file",
 }
-TARGETS = 6 + 2  # the contenders', the mixed-length mode's
+TARGETS = 6 + 2 + 2  # the contenders', the mixed-length mode's, the evidence mode's
 
 
 # About 1.5 min on a quiet machine; a fresh Prefect server alone took 94 s on loaded cores.
@@ -38,7 +38,8 @@ def test_quick_bench_writes_the_json(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(output.read_text())
     assert {
-        "machine", "params", "contenders", "ratios", "rss_growth_mb", "targets", "mixed"
+        "machine", "params", "contenders", "ratios", "rss_growth_mb", "targets", "mixed",
+        "evidence",
     } <= set(results)
     assert set(results["contenders"]) == {"ours-small", "ours", "plain", "naive"}
     for name, run in results["contenders"].items():
@@ -51,6 +52,9 @@ def test_quick_bench_writes_the_json(tmp_path: Path) -> None:
         assert MIXED_SIDE <= set(mixed[side]), side
         assert mixed[side]["completed"] == mixed["files"] > 0, side
         assert mixed[side]["max_in_flight"] <= results["params"]["concurrent"], side
+    evidence = results["evidence"]  # the block says 10, the service takes 4
+    assert evidence["completed"] == evidence["files"] > 0
+    assert evidence["max_in_flight"] <= evidence["service_limit"]
     assert len(results["targets"]) == TARGETS
     assert all({"target", "value", "mark", "pass"} <= set(t) for t in results["targets"])
     assert "PASS" in done.stdout or "FAIL" in done.stdout
