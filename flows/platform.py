@@ -24,7 +24,7 @@ from blocks import OrgLimits, ParquetOutput, PlatformCredentials
 from blocks.loading import load_blocks
 from modulate import ModelGate, PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
-from store import compact, read_ledger
+from store import LedgerLookup, compact
 from store.job_records import JobFileRecord, JobRecord, failed_submissions, load_open_records
 from store.tables import config_hash_for
 from tasks.batch import RunStopped
@@ -34,7 +34,6 @@ from tasks.slots import SlotPool
 
 __all__ = ["PlatformJobOptions", "PlatformSettings", "PlatformSummary", "platform_jobs"]
 
-FINISHED = frozenset({"completed", "skipped"})
 DEFAULT_MAX_RESUBMISSIONS = 2
 
 
@@ -123,8 +122,11 @@ async def platform_jobs(
     config_hash = config_hash_for({"model": MODEL, "flags": options.flags.model_dump()})
     reopen = await asyncio.to_thread(load_open_records, location, config_hash)
     failed_before = await asyncio.to_thread(failed_submissions, location, config_hash)
-    done = await asyncio.to_thread(read_ledger, location, MODEL, config_hash)
+    done = LedgerLookup(location, MODEL, config_hash)  # reads a date's partition when listed
     claimed = {f.file_id for r in reopen for f in r.files if f.posted or f.error is None}
+
+    async def finished(obj: AudioObject) -> bool:  # before `max_files` counts, as batch runs
+        return obj.file_id in claimed or await done.finished(obj.file_id, obj.date)
     concurrent = limits.for_model(MODEL).concurrent
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
 
@@ -150,8 +152,8 @@ async def platform_jobs(
                 for record in reopen:
                     logger.info("re-attaching to job %s", record.job_id)
                     group.create_task(_drive(run, record, options.poll, posting))
-                listed = iter_audio(s3_client, bucket.bucket_name, source)
-                groups = _groups(run, listed, done, claimed, resubmits, options.files_per_job)
+                listed = iter_audio(s3_client, bucket.bucket_name, source, skip=finished)
+                groups = _groups(run, listed, resubmits, options.files_per_job)
                 async for files in groups:
                     submitted += 1
                     record = JobRecord(config_hash=config_hash, files=files)
@@ -201,8 +203,6 @@ async def _drive(
 async def _groups(
     run: PlatformRun,
     objects: AsyncIterator[AudioObject],
-    done: dict[str, str],
-    claimed: set[str],
     resubmits: _Resubmits,
     size: int,
 ) -> AsyncIterator[list[JobFileRecord]]:
@@ -210,8 +210,6 @@ async def _groups(
     group: list[JobFileRecord] = []
     refused: list[dict[str, object]] = []
     async for obj in objects:
-        if done.get(obj.file_id) in FINISHED or obj.file_id in claimed:
-            continue
         submission = resubmits.next_submission(obj.file_id)
         if submission is None:
             continue

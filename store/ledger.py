@@ -11,6 +11,7 @@ config pushed down as a filter.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import numpy as np
@@ -23,7 +24,9 @@ from store.location import OutputLocation, data_files, partition_dir, table_dir
 from store.tables import FILE_ID_HEX_CHARS, FILE_STATUSES, LEDGER_TABLE, file_schema
 from store.winners import files_winners
 
-__all__ = ["LEDGER_COLUMNS", "LedgerLookup", "read_ledger"]
+__all__ = ["FINISHED", "LEDGER_COLUMNS", "LedgerLookup", "read_ledger"]
+
+FINISHED = frozenset({"completed", "skipped"})  # statuses a rerun does not send again
 
 LEDGER_COLUMNS = ("file_id", "status", "finished_at", "flow_run_id")
 _STATUSES = tuple(sorted(FILE_STATUSES))
@@ -103,6 +106,13 @@ class LedgerLookup:
         """The winning status of the file in the ledger, or None if it has no row."""
         self.load(date)
         return self._partitions[date].get(file_id)
+
+    async def finished(self, file_id: str, date: str) -> bool:
+        """Whether the file's status is one a rerun skips (``FINISHED``); the first file of a
+        date reads its partition in a thread."""
+        if not self.is_loaded(date):
+            await asyncio.to_thread(self.load, date)
+        return self.status(file_id, date) in FINISHED
 
     def statuses(self, date: str) -> list[tuple[str, str]]:
         """Every ``(file_id, status)`` of ``date``'s partition."""

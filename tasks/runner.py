@@ -60,7 +60,6 @@ from tasks.streaming import route_large_files
 
 __all__ = ["RunSettings", "RunSummary", "run_batch"]
 
-FINISHED = frozenset({"completed", "skipped"})
 DEFAULT_POLICY = RetryPolicy()
 PROGRESS_INTERVAL_SECONDS = 2.0
 
@@ -185,9 +184,7 @@ async def run_batch(
         )
 
         async def finished(obj: AudioObject) -> bool:
-            if not done.is_loaded(obj.date):  # the first object of a date reads its partition
-                await asyncio.to_thread(done.load, obj.date)
-            return done.status(obj.file_id, obj.date) in FINISHED
+            return await done.finished(obj.file_id, obj.date)
 
         todo = iter_audio(s3_client, bucket.bucket_name, source, skip=finished)
         budget = ctx.budget = await open_budget(

@@ -448,3 +448,25 @@ def test_realtime_command_prints_a_redacted_url(prefect_server, services) -> Non
                  "apikey": "platform-key-org0"},
     )
     assert status.json()["status"] == "processing"
+
+
+async def test_a_rerun_with_max_files_takes_the_next_files(org_env, emulator) -> None:
+    """`max_files` counts after the ledger skip, as in the batch flows (issue 12): the second
+    run lists the 3 completed objects first, passes over them and sends the next 3."""
+    job_seconds(emulator, 0.05)
+    names = [f"call-{i}.wav" for i in range(6)]
+    org_env.services.upload(org_env.bucket, wavs(names))
+
+    async def limited() -> State:
+        return await platform_jobs(
+            source=S3Input(bucket_block=org_env.block, prefix="in/", max_files=3),
+            options=options(),
+            settings=settings(org_env),
+            return_state=True,
+        )
+
+    before = platform_stats(emulator)
+    assert (await limited()).name == "Completed"
+    assert (await limited()).name == "Completed"
+    assert platform_stats(emulator)["submissions"] - before["submissions"] == 6
+    assert ledger(org_env).loc[names, "status"].eq("completed").all()
