@@ -356,10 +356,13 @@ class SlotPool:
         """Check the limit is still there, join or leave the registry, and count the runs."""
         await self._read_limit(client)
         runs_name, waiting_name = registry_names(self.name)
-        await self._register(client, "runs", self._demand > 0)
+        # Made here if missing (the first run of a limit, or someone deleted them), so that
+        # _register only leases; read before joining, so a join counts itself.
         runs = await _read_or_create(client, runs_name)
         waiting = await _read_or_create(client, waiting_name)
-        self._runs = max(1, runs.active_slots)
+        joined = self._registry[runs_name] is None and self._demand > 0
+        await self._register(client, "runs", self._demand > 0)
+        self._runs = max(1, runs.active_slots + joined)
         self._others_waiting = waiting.active_slots - (self._registry[waiting_name] is not None) > 0
         self._grant()
 
@@ -367,7 +370,6 @@ class SlotPool:
         name = registry_names(self.name)[0 if which == "runs" else 1]
         lease = self._registry[name]
         if member and lease is None:
-            await _read_or_create(client, name)
             self._registry[name] = await self._lease(client, name, 1)
         elif not member and lease is not None:
             self._registry[name] = None
