@@ -293,24 +293,30 @@ async def _fan_out(
                     first = group.create_task(run_chunk(chunk))
                     chunk = []
                     if listed == chunk_size:
-                        await _first_call_or_end(ctx, first)
+                        await _first_call_or_end(ctx, first, chunk_size)
             if chunk:
                 await in_flight.acquire()
                 group.create_task(run_chunk(chunk))
     await aupdate_progress_artifact(progress_id, 100.0)
 
 
-async def _first_call_or_end(ctx: RunContext, chunk: asyncio.Task[None]) -> None:
+async def _first_call_or_end(ctx: RunContext, chunk: asyncio.Task[None], files: int) -> None:
     """Let the first chunk reach its first call before the next chunks start.
 
     Task runs started together queue on the Prefect server (four at once delayed the first
-    call by 2.2 s, bench/); one chunk alone already fills every slot.
+    call by 2.2 s, bench/); one chunk alone already fills every slot. Meanwhile the pool
+    counts the chunk's first calls as demand, so that it leases slots (or tells the runs
+    holding them that it waits) while Prefect starts the task: 2 s for a process's first
+    task run (BENCHMARKS.md).
     """
+    early = min(files, ctx.pool.limit)
+    ctx.pool.add_demand(early)
     called = asyncio.ensure_future(ctx.first_call.wait())
     try:
         await asyncio.wait([called, chunk], return_when=asyncio.FIRST_COMPLETED)
     finally:
         called.cancel()
+        ctx.pool.add_demand(-early)  # the files count themselves from their calls on
 
 
 def _summary_lines(summary: RunSummary) -> list[tuple[str, Any]]:

@@ -332,6 +332,10 @@ class SlotPool:
                 self._grant()
                 break
             ask //= 2  # all-or-nothing, and another run took some meanwhile: halve it
+        if self._target() > self.held:
+            # Counted among the runs at once, not at the next fair-share pass: the runs
+            # holding the slots size their share by that count.
+            await self._register(client, "runs", True)
         await self._register(client, "waiting", self._target() > self.held)
 
     async def _give_back(self, client: PrefectClient) -> None:
