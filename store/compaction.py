@@ -41,7 +41,7 @@ from store.fragments import WRITTEN_AT_KEY, written_at
 from store.location import OutputLocation, data_files, partition_dir
 from store.locks import partition_lock
 from store.tables import CHILD_TABLES, LEDGER_TABLE, file_schema, group_columns
-from store.winners import LedgerWinner, child_winners, files_winners
+from store.winners import child_winners, files_winners
 
 __all__ = ["MAX_SEGMENTS", "SEGMENT_PREFIX", "compact"]
 
@@ -61,6 +61,11 @@ COMPACTED_AT_KEY = b"modulate:compacted_at_ns"
 RECHECK_NS = 60 * 10**9
 _SEP = "\x1f"
 _ATTEMPT_COLUMNS = ("status", "finished_at", "flow_run_id")
+_NO_LEDGER = pa.table({
+    "_gk": pa.array([], pa.string()), "_attempt": pa.array([], pa.string()),
+    "_completed": pa.array([], pa.int8()), "_finished": pa.array([], pa.int64()),
+    "_latest": pa.array([], pa.int64()),
+})
 
 
 def compact(
@@ -260,7 +265,7 @@ class _Partition:
     def _child_winners(
         self, sources: list[_Source], touched: pa.Array
     ) -> tuple[dict[int, pa.Array], set[int]]:
-        attempts: list[tuple[str, str, int, int]] = []
+        found = []
         for source in sources:
             distinct = []
             for batch in self._batches(source, (*self.group, "flow_run_id")):
@@ -273,29 +278,36 @@ class _Partition:
                 continue
             pairs = pa.concat_tables(distinct)
             pairs = pairs.group_by(["_gk", "_attempt"], use_threads=False).aggregate([])
-            attempts += [
-                (key, attempt, source.order, source.written_ns)
-                for key, attempt in zip(
-                    pairs["_gk"].to_pylist(), pairs["_attempt"].to_pylist(), strict=True
-                )
-            ]
+            n = pairs.num_rows
+            pairs = pairs.append_column("_source", pa.array(np.full(n, source.order), pa.int32()))
+            found.append(
+                pairs.append_column("_written", pa.array(np.full(n, source.written_ns), pa.int64()))
+            )
+        if not found:
+            return {}, set()
+        attempts = pa.concat_tables(found)
         chosen = child_winners(self._ledger(touched), attempts)
-        keep: dict[int, set[str]] = {}
-        lost: set[int] = set()
-        for key, attempt, order, _ in attempts:
-            if chosen.get(key) == (attempt, order):
-                keep.setdefault(order, set()).add(f"{key}{_SEP}{attempt}")
-            else:
-                lost.add(order)
-        return {order: pa.array(sorted(v), pa.string()) for order, v in keep.items()}, lost
+        names = pc.binary_join_element_wise(chosen["_gk"], chosen["_attempt"], _SEP)
+        keep: dict[int, pa.Array] = {}
+        for order in pc.unique(chosen["_source"]).to_pylist():
+            keep[int(order)] = pc.filter(names, pc.equal(chosen["_source"], order)).combine_chunks()
+        # A source loses when any attempt in it is not its key's chosen one.
+        chosen_ids = pc.binary_join_element_wise(names, chosen["_source"].cast(pa.string()), _SEP)
+        all_ids = pc.binary_join_element_wise(
+            attempts["_gk"], attempts["_attempt"], attempts["_source"].cast(pa.string()), _SEP
+        )
+        lost_rows = pc.invert(pc.is_in(all_ids, value_set=chosen_ids.combine_chunks()))
+        lost = set(pc.unique(attempts["_source"].filter(lost_rows)).to_pylist())
+        return keep, lost
 
-    def _ledger(self, touched: pa.Array) -> dict[str, LedgerWinner]:
-        """The ``files`` winner of every touched key, from that table's partition of this date."""
+    def _ledger(self, touched: pa.Array) -> pa.Table:
+        """The ``files`` winner of every touched key (``_gk`` and the rank columns), from that
+        table's partition of this date."""
         directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
         paths = [info.path for info in data_files(self.fs, directory)]
         if not paths or len(touched) == 0:
-            return {}
-        file_ids = pa.array(sorted({k.split(_SEP, 1)[0] for k in touched.to_pylist()}))
+            return _NO_LEDGER
+        file_ids = pc.unique(pc.list_element(pc.split_pattern(touched, _SEP, max_splits=1), 0))
         dataset = ds.dataset(
             paths, schema=file_schema(LEDGER_TABLE), format="parquet", filesystem=self.fs
         )
@@ -305,20 +317,9 @@ class _Partition:
             batch_size=BATCH_ROWS,
         )
         if table.num_rows == 0:
-            return {}
+            return _NO_LEDGER
         winners = files_winners(table, ("file_id", "config_hash"))
-        return {
-            f"{file_id}{_SEP}{config}": LedgerWinner(attempt, bool(done), at, latest)
-            for file_id, config, attempt, done, at, latest in zip(
-                winners["file_id"].to_pylist(),
-                winners["config_hash"].to_pylist(),
-                winners["_attempt"].to_pylist(),
-                winners["_completed"].to_pylist(),
-                winners["_finished"].to_pylist(),
-                winners["_latest"].to_pylist(),
-                strict=True,
-            )
-        }
+        return winners.append_column("_gk", _group_key(winners, ("file_id", "config_hash")))
 
     # pass 2: write what survives
 

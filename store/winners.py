@@ -18,26 +18,13 @@ later attempt lands in the ledger.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["LedgerWinner", "child_winners", "files_winners", "rank_order"]
+__all__ = ["child_winners", "files_winners", "rank_order"]
 
 COMPLETED = "completed"
 NO_TIME = -1
-
-
-@dataclass(frozen=True)
-class LedgerWinner:
-    """The winning ``files`` attempt of a key, and the latest ``finished_at`` of any attempt."""
-
-    attempt: str
-    completed: bool
-    finished_ns: int
-    latest_finished_ns: int
 
 
 def rank_order(table: pa.Table, tie_breaks: tuple[str, ...] = ()) -> pa.Table:
@@ -73,31 +60,46 @@ def files_winners(table: pa.Table, group: tuple[str, ...], tie_breaks: tuple[str
     return winners.append_column("_latest", grouped["_finished_max"])
 
 
-def child_winners(
-    ledger: dict[str, LedgerWinner], attempts: Iterable[tuple[str, str, int, int]]
-) -> dict[str, tuple[str, int]]:
-    """Which attempt's rows a key keeps in a child table, and from which source file.
+def child_winners(ledger: pa.Table, attempts: pa.Table) -> pa.Table:
+    """Which attempt's rows each key keeps in a child table, and from which source file.
+
+    In arrow, not per key in Python: a first compaction of 100k files held ~145 MB of tuples,
+    dicts and strings for this (BENCHMARKS.md).
 
     Args:
-        ledger: key -> its ``files`` winner, for the keys the ledger knows.
-        attempts: ``(key, attempt, source, written_ns)`` for every attempt found in the child
-            table's inputs; ``source`` orders the input files, the latest greatest.
+        ledger: the ``files`` winners of the keys the ledger knows: ``_gk`` (the key),
+            ``_attempt``, ``_completed``, ``_finished`` and ``_latest`` (files_winners' names).
+        attempts: ``_gk``, ``_attempt``, ``_source`` and ``_written`` (ns) for every attempt
+            found in the child table's inputs; ``_source`` orders the input files, the latest
+            greatest.
 
     Returns:
-        key -> ``(attempt, source)``; a key missing from it keeps no rows (its winner
-        did not complete, or completed without rows in this table).
+        One row of ``attempts`` per key that keeps rows; a key missing from it keeps none (its
+        winner did not complete, or completed without rows in this table).
     """
-    best: dict[str, tuple[tuple[int, int, str, int], str, int]] = {}
-    for key, attempt, source, written_ns in attempts:
-        known = ledger.get(key)
-        if known is not None and attempt == known.attempt:
-            if not known.completed:
-                continue
-            rank = (1, known.finished_ns, attempt, source)
-        elif known is not None and written_ns <= known.latest_finished_ns:
-            continue  # an attempt the ledger never heard of, superseded since
-        else:
-            rank = (1, written_ns, attempt, source)  # pending: its ledger row follows
-        if key not in best or rank > best[key][0]:
-            best[key] = (rank, attempt, source)
-    return {key: (attempt, source) for key, (_, attempt, source) in best.items()}
+    known = ledger.select(["_gk", "_attempt", "_completed", "_finished", "_latest"])
+    known = known.rename_columns(["_gk", "_l_attempt", "_l_completed", "_l_finished", "_l_latest"])
+    joined = attempts.join(known, "_gk", join_type="left outer", use_threads=False)
+    has = pc.is_valid(joined["_l_attempt"])
+    matched = pc.fill_null(pc.equal(joined["_attempt"], joined["_l_attempt"]), False)
+    # The ledger's own attempt counts only if it completed; an attempt the ledger never
+    # heard of, written before the key's latest finish, was superseded since.
+    failed = pc.fill_null(pc.and_(matched, pc.not_equal(joined["_l_completed"], 1)), False)
+    superseded = pc.fill_null(
+        pc.and_(
+            pc.and_(has, pc.invert(matched)),
+            pc.less_equal(joined["_written"], joined["_l_latest"]),
+        ),
+        False,
+    )
+    alive = joined.filter(pc.invert(pc.or_(failed, superseded)))
+    alive_matched = pc.fill_null(pc.equal(alive["_attempt"], alive["_l_attempt"]), False)
+    # Pending (not in the ledger yet): ranked by when its rows were written.
+    rank = pc.if_else(alive_matched, alive["_l_finished"], alive["_written"])
+    ranked = alive.select(["_gk", "_attempt", "_source", "_written"]).append_column("_rank", rank)
+    ranked = ranked.sort_by(
+        [("_rank", "ascending"), ("_attempt", "ascending"), ("_source", "ascending")]
+    )
+    ranked = ranked.append_column("_pos", pa.array(range(ranked.num_rows), pa.int64()))
+    best = ranked.group_by(["_gk"], use_threads=False).aggregate([("_pos", "max")])
+    return ranked.take(best["_pos_max"]).select(["_gk", "_attempt", "_source"])
