@@ -92,12 +92,10 @@ def child_winners(ledger: pa.Table, attempts: pa.Table) -> pa.Table:
         ),
         False,
     )
-    alive = joined.filter(pc.invert(pc.or_(failed, superseded)))
-    alive_matched = pc.fill_null(pc.equal(alive["_attempt"], alive["_l_attempt"]), False)
     # Pending (not in the ledger yet): ranked by when its rows were written.
-    rank = pc.if_else(alive_matched, alive["_l_finished"], alive["_written"])
-    ranked = alive.select(["_gk", "_attempt", "_source", "_written"]).append_column("_rank", rank)
-    ranked = ranked.sort_by(
+    rank = pc.if_else(matched, joined["_l_finished"], joined["_written"])
+    ranked = joined.select(["_gk", "_attempt", "_source"]).append_column("_rank", rank)
+    ranked = ranked.filter(pc.invert(pc.or_(failed, superseded))).sort_by(
         [("_rank", "ascending"), ("_attempt", "ascending"), ("_source", "ascending")]
     )
     ranked = ranked.append_column("_pos", pa.array(range(ranked.num_rows), pa.int64()))
