@@ -22,7 +22,6 @@ from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from prefect import tags
 from prefect.artifacts import (
     acreate_progress_artifact,
     acreate_table_artifact,
@@ -281,22 +280,22 @@ async def _fan_out(
             next_progress = loop.time() + PROGRESS_INTERVAL_SECONDS
             await aupdate_progress_artifact(progress_id, 100.0 * finished / max(listed, 1))
 
-    # The calling tasks carry the model and the limit they hold, for the UI's filters.
-    with tags(ctx.job.model, ctx.pool.name):
-        async with asyncio.TaskGroup() as group:
-            chunk: list[AudioObject] = []
-            async for obj in objects:
-                listed += 1
-                chunk.append(obj)
-                if len(chunk) == chunk_size:
-                    await in_flight.acquire()
-                    first = group.create_task(run_chunk(chunk))
-                    chunk = []
-                    if listed == chunk_size:
-                        await _first_call_or_end(ctx, first, chunk_size)
-            if chunk:
+    # No tags on the chunk tasks: Prefect opens a concurrency lease per tag at every task
+    # run's start, a database write that a SQLite server under load refused for seconds.
+    async with asyncio.TaskGroup() as group:
+        chunk: list[AudioObject] = []
+        async for obj in objects:
+            listed += 1
+            chunk.append(obj)
+            if len(chunk) == chunk_size:
                 await in_flight.acquire()
-                group.create_task(run_chunk(chunk))
+                first = group.create_task(run_chunk(chunk))
+                chunk = []
+                if listed == chunk_size:
+                    await _first_call_or_end(ctx, first, chunk_size)
+        if chunk:
+            await in_flight.acquire()
+            group.create_task(run_chunk(chunk))
     await aupdate_progress_artifact(progress_id, 100.0)
 
 

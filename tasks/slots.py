@@ -54,7 +54,9 @@ FAIR_SHARE_INTERVAL_SECONDS = 1.0
 LEASE_UNITS = 8  # a run leases its slots in about this many pieces
 REGISTRY_LIMIT = 100_000  # registry limits count runs; they never refuse one
 _BACKOFF_CAP_SECONDS = 10.0
+_QUIET_FAILURES = 3  # a SQLite server answers 503 "database is locked" now and then: no warning
 _LEASE_GONE = frozenset({404, 410})  # Prefect answers 410 for a lease that expired
+_BUSY = frozenset({408, 502, 503})
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +255,7 @@ class SlotPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.failure_bound
         failures = 0
-        async with get_client() as client:
+        async with _lease_client() as client:
             while True:
                 try:
                     return await client.read_global_concurrency_limit_by_name(self.name)
@@ -271,7 +273,7 @@ class SlotPool:
         next_share = loop.time()
         last_ok = loop.time()
         failures = 0
-        async with get_client() as client:
+        async with _lease_client() as client:
             while True:
                 try:
                     self._drop_expired(loop.time())
@@ -285,7 +287,7 @@ class SlotPool:
                         next_renewal = loop.time() + self.renew_every
                 except (httpx.HTTPError, ObjectNotFound, _LimitGone) as exc:
                     failures += 1
-                    if failures == 1:
+                    if failures == _QUIET_FAILURES:
                         logger.warning(
                             "Prefect API trouble holding slots of %r (%s); retrying with backoff.",
                             self.name, _describe(exc),
@@ -295,7 +297,7 @@ class SlotPool:
                         return
                     await asyncio.sleep(_backoff(failures))
                     continue
-                if failures:
+                if failures >= _QUIET_FAILURES:
                     logger.warning("Prefect API back for %r after %d failures.", self.name,
                                    failures)
                 failures, last_ok = 0, loop.time()
@@ -321,17 +323,19 @@ class SlotPool:
         found = await self._read_limit(client)
         free = found.limit - found.active_slots
         # Units of about C/8, and unit - 1 single slots at the end, so that _give_back can
-        # return any number of slots in whole leases.
+        # return any number of slots in whole leases. All of them in this pass: a run that
+        # starts beside others gets its share as soon as it is free.
         unit = max(1, math.ceil(found.limit / LEASE_UNITS))
-        singles = max(0, unit - 1 - sum(lease.slots == 1 for lease in self._leases))
-        ask = min(free, 1 if wanted <= singles else min(wanted - singles, unit))
-        while ask > 0:
-            lease = await self._lease(client, self.name, ask)
-            if lease is not None:
-                self._leases.append(lease)
-                self._grant()
+        while wanted > 0 and free > 0:
+            singles = max(0, unit - 1 - sum(lease.slots == 1 for lease in self._leases))
+            ask = min(free, 1 if wanted <= singles else min(wanted - singles, unit))
+            lease = await self._lease_halving(client, ask)
+            if lease is None:
                 break
-            ask //= 2  # all-or-nothing, and another run took some meanwhile: halve it
+            self._leases.append(lease)
+            self._grant()
+            free -= lease.slots
+            wanted = self._target() - self.held
         if self._target() > self.held:
             # Counted among the runs at once, not at the next fair-share pass: the runs
             # holding the slots size their share by that count.
@@ -405,6 +409,15 @@ class SlotPool:
         self.limit = found.limit
         return found
 
+    async def _lease_halving(self, client: PrefectClient, ask: int) -> _Lease | None:
+        """A lease of at most `ask` slots, or None if not even one is free."""
+        while ask > 0:
+            lease = await self._lease(client, self.name, ask)
+            if lease is not None:
+                return lease
+            ask //= 2  # all-or-nothing, and another run took some meanwhile: halve it
+        return None
+
     async def _lease(self, client: PrefectClient, name: str, slots: int) -> _Lease | None:
         try:
             response = await client.increment_concurrency_slots_with_lease(
@@ -452,6 +465,27 @@ class SlotPool:
         )
 
 
+def _lease_client() -> PrefectClient:
+    """A Prefect client that leaves the retries of a busy server to the pool.
+
+    Prefect's client waits 2, 4, 8 s (or as Retry-After says) before it retries a 502, 503
+    or 408, and a server on SQLite answers 503 whenever another writer holds the database:
+    a lease held back 7 s that way left a second run idle while the slots it waited for
+    were free (bench/shared.py). The pool retries from 0.1 s itself, within
+    `failure_bound`. A 429 (rate limit) and Prefect Cloud's maintenance answers are left
+    to Prefect's client, which honours them.
+    """
+    return get_client(httpx_settings={"event_hooks": {"response": [_busy_fails_fast]}})
+
+
+async def _busy_fails_fast(response: httpx.Response) -> None:
+    if response.status_code in _BUSY and response.headers.get("Prefect-Maintenance") != "true":
+        raise httpx.HTTPStatusError(
+            f"Prefect API busy: HTTP {response.status_code}", request=response.request,
+            response=response,
+        )
+
+
 class _LimitGone(Exception):
     """The limit disappeared from the server mid-run."""
 
@@ -479,7 +513,7 @@ def _smallest_cover(leases: list[_Lease], at_least: int) -> list[_Lease]:
 
 
 def _backoff(failures: int) -> float:
-    return min(_BACKOFF_CAP_SECONDS, 0.5 * 2 ** (failures - 1))
+    return min(_BACKOFF_CAP_SECONDS, 0.1 * 2 ** (failures - 1))
 
 
 def _describe(exc: BaseException) -> str:

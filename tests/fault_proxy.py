@@ -29,6 +29,7 @@ class _Rule:
     path: re.Pattern[str]
     status: int
     times: int | None
+    headers: dict[str, str]
     hits: int = 0
 
 
@@ -51,9 +52,12 @@ class FaultProxy:
         )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def fail(self, method: str, path: str, status: int, times: int | None = None) -> _Rule:
-        """Answer `status` to requests whose path matches the regex `path`."""
-        rule = _Rule(method.upper(), re.compile(path), status, times)
+    def fail(
+        self, method: str, path: str, status: int, times: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Rule:
+        """Answer `status` (with `headers`) to requests whose path matches the regex `path`."""
+        rule = _Rule(method.upper(), re.compile(path), status, times, headers or {})
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -88,7 +92,9 @@ class FaultProxy:
         path = "/" + request.path_params["path"]
         rule = self._match(request.method, path)
         if rule is not None:
-            return JSONResponse({"detail": "injected fault"}, status_code=rule.status)
+            return JSONResponse(
+                {"detail": "injected fault"}, status_code=rule.status, headers=rule.headers
+            )
         self.forwarded.append((request.method, path))
         async with httpx.AsyncClient(timeout=30) as client:
             upstream = await client.request(

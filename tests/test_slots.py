@@ -112,6 +112,17 @@ async def test_a_refused_increment_is_halved_and_retried(through: FaultProxy) ->
     assert rule.hits == 1
 
 
+async def test_a_busy_database_is_retried_by_the_pool_at_once(through: FaultProxy) -> None:
+    """A SQLite server answers 503 while another writer holds the database. Prefect's
+    client would wait as Retry-After says (else 2, 4, 8 s) while the slots sit free."""
+    name = await new_limit(4)
+    rule = through.fail("POST", INCREMENT, 503, times=2, headers={"Retry-After": "3600"})
+    async with SlotPool(name, fallback_limit=4) as pool:
+        pool.add_demand(4)
+        await until(lambda: pool.held == 4, what="4 slots leased past two 503s")
+    assert rule.hits == 2
+
+
 async def test_renewal_errors_are_retried_and_calls_go_on(through: FaultProxy) -> None:
     # 500, which Prefect's client does not retry itself (it retries 502/503 with backoff).
     name = await new_limit(4)
