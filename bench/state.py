@@ -247,10 +247,11 @@ def _child(task: str, root: str) -> None:
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": round(seconds, 3), "peak_mb": round(peak, 1),
-                      "growth_mb": round(peak - base, 1)}))
+                      "growth_mb": round(peak - base, 1),
+                      "allocator": pa.default_memory_pool().backend_name}))
 
 
-def _measure(task: str, root: Path) -> dict[str, float]:
+def _measure(task: str, root: Path) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "bench.state", "--child", task, str(root)],
         check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1],

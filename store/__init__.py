@@ -13,10 +13,20 @@ Plain pyarrow, no Prefect: `tasks/` and `blocks/` import it, it imports neither.
 * ``job_records``: the Platform jobs a run created, by state (open, failed, closed).
 """
 
-from store.compaction import compact
-from store.fragments import read_table, write_fragment
-from store.ledger import LedgerLookup, read_ledger
-from store.location import OutputLocation
+import os
+import sys
+
+# Arrow picks its allocator once, when pyarrow is first imported (here, in our processes).
+# mimalloc, its default, kept what compaction's join and sort had freed: a 2M-row partition
+# peaked at 292 MB; with the system allocator 217 MB, and no slower (bench/state.py,
+# BENCHMARKS.md). A choice of the user's own (the variable set, pyarrow imported first) stands.
+if "pyarrow" not in sys.modules:
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
+from store.compaction import compact  # noqa: E402
+from store.fragments import read_table, write_fragment  # noqa: E402
+from store.ledger import LedgerLookup, read_ledger  # noqa: E402
+from store.location import OutputLocation  # noqa: E402
 
 __all__ = [
     "LedgerLookup",

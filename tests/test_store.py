@@ -348,3 +348,19 @@ def test_two_processes_compacting_at_once_lose_and_duplicate_nothing(
     start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     last = start + dt.timedelta(seconds=rounds - 1, milliseconds=500)
     assert all(winners[f"s{i}"] == ("b", last) for i in range(20))
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_our_processes_allocate_arrow_memory_from_the_system_allocator(
+    preset: str | None, expected: str
+) -> None:
+    """mimalloc (arrow's default) kept what compaction had freed; a user's own choice stands."""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if preset:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = preset
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import blocks, pyarrow; print(pyarrow.default_memory_pool().backend_name)"],
+        env=env, capture_output=True, text=True, check=True, timeout=120,
+    )
+    assert out.stdout.strip() == expected
