@@ -9,9 +9,11 @@ process (peak RSS is the child's own ``ru_maxrss``, growth is over its RSS after
   beside the same run over an empty history;
 * compaction of the 2M-row partition from fragments, old (``_old_compact_partition``, the
   algorithm of tasks/output.py before store/) against new; then the new one after one more
-  fragment of new files, and after a fragment that supersedes rows in the big segment.
+  fragment of new files, and after a fragment that supersedes rows in the big segment;
+* a ``files`` partition of 1M rows in 10k fragments (a backfill's day, 100 files a chunk):
+  its compaction, then again after one more fragment.
 
-Prints a table and writes ``bench/results/state.json``. About 3-5 minutes on 2 cores.
+Prints a table and writes ``bench/results/state.json``. About 5-8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ BIG_DATE = "2026-06-15"
 BIG_FILES = 100_000
 UTTERANCES_PER_FILE = 20
 BIG_FRAGMENTS = 200
+WIDE_DATE = "2026-09-01"  # a backfill's day: one files partition of 1M rows in 10k fragments
+WIDE_ROWS = 1_000_000
+WIDE_FRAGMENTS = 10_000
 SEED = 12
 RESULTS = Path(__file__).parent / "results" / "state.json"
 _T0_US = 1_735_689_600_000_000  # 2025-01-01 UTC in microseconds
@@ -142,6 +147,17 @@ def synthesise(root: Path) -> dict[str, Any]:
     return {"big_ids": big_ids[:100]}
 
 
+def synthesise_wide(root: Path) -> None:
+    """One ``files`` partition of WIDE_ROWS rows in WIDE_FRAGMENTS fragments (100 a chunk)."""
+    ids = _hex_ids(np.random.default_rng(SEED + 2), WIDE_ROWS)  # none of _run_ids's
+    per = WIDE_ROWS // WIDE_FRAGMENTS
+    stamp = time.time_ns() - 86_400 * 10**9
+    completed = np.array(["completed"] * per)
+    for f in range(WIDE_FRAGMENTS):
+        _write(_files_table(ids[f * per:(f + 1) * per], f"run-{f // 100}", completed),
+               _partition(root, "files", WIDE_DATE), f"part-frag{f:05d}-0.parquet", stamp + f)
+
+
 # the old algorithms (tasks/output.py before store/), for the comparison only
 
 
@@ -227,6 +243,10 @@ def _compact_files(root: str) -> None:
     compact(OutputLocation(root=root), "files", MODEL, [BIG_DATE])
 
 
+def _compact_wide(root: str) -> None:
+    compact(OutputLocation(root=root), "files", MODEL, [WIDE_DATE])
+
+
 def _compact_old(root: str) -> None:
     _old_compact_partition(str(_partition(Path(root), "utterances", BIG_DATE)), "utterances")
 
@@ -237,6 +257,7 @@ CHILD_TASKS: dict[str, Callable[[str], None]] = {
     "compact-new": _compact_new,
     "compact-old": _compact_old,
     "compact-files": _compact_files,
+    "compact-wide": _compact_wide,
 }
 
 
@@ -317,6 +338,22 @@ def main(argv: list[str] | None = None) -> None:
         results["compact_new_superseding_100_files"] = _measure("compact-new", history)
         print("new compaction, 100 files of the segment sent again: "
               f"{results['compact_new_superseding_100_files']}", flush=True)
+        wide = work / "wide"
+        started = time.perf_counter()
+        synthesise_wide(wide)
+        print(f"synthesised {WIDE_FRAGMENTS:,} fragments in {time.perf_counter() - started:.0f} s",
+              flush=True)
+        results["compact_files_1m_10k_fragments"] = _measure("compact-wide", wide)
+        wide_rows = _partition(wide, "files", WIDE_DATE)
+        one_more = _files_table(_run_ids(100), "run-more", np.array(["completed"] * 100))
+        _write(one_more, wide_rows, "part-more-0.parquet", time.time_ns())
+        results["compact_files_1m_plus_one_fragment"] = _measure("compact-wide", wide)
+        results["wide_rows_after"] = pq.ParquetDataset(str(wide_rows)).read(
+            columns=["file_id"]).num_rows
+        results["wide_files_after"] = len(list(wide_rows.glob("*.parquet")))
+        print("files partition, 1M rows in 10k fragments: "
+              f"{results['compact_files_1m_10k_fragments']}; then one more fragment: "
+              f"{results['compact_files_1m_plus_one_fragment']}", flush=True)
         rows = pq.ParquetDataset(str(big)).read(columns=["file_id", "idx"])
         results["rows_after"] = rows.num_rows
         results["files_after"] = len(rows.group_by(["file_id", "idx"]).aggregate([]))

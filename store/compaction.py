@@ -14,8 +14,10 @@ else). Compaction
 3. writes the new segment whole (store/fragments.py), then deletes exactly the inputs it
    rewrote.
 
-So memory is a record batch plus the touched keys, and time is the new rows plus a scan of
-the segments' key columns, not a rewrite of the partition. A crash at any point leaves
+Fragments are folded the oldest ``FRAGMENTS_PER_ROUND`` at a time (a backfill's day holds
+10k), as that many runs would have. So memory is a record batch plus a round's touched keys,
+and time is the new rows plus a scan of the segments' key columns, not a rewrite of the
+partition. A crash at any point leaves
 duplicates at worst, which the next compaction removes; rows are never lost, because an
 input is deleted only after the rows that survive from it are written. One compactor runs
 per partition at a time (store/locks.py).
@@ -23,12 +25,12 @@ per partition at a time (store/locks.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "part-compacted-"
 MAX_SEGMENTS = 8
+FRAGMENTS_PER_ROUND = 1_000
 BATCH_ROWS = 65_536
 ROW_GROUP_ROWS = 65_536
 # A second compactor of the same partition waits this long, then leaves the partition to
@@ -96,7 +99,7 @@ def compact(
             _Partition(fs, base, table_name, model, date, schema).compact()
 
 
-@dataclass
+@dataclasses.dataclass
 class _Source:
     info: pafs.FileInfo
     order: int
@@ -132,22 +135,35 @@ class _Partition:
         sources = self._sources()
         if sources is None:
             return
-        fragments = [s for s in sources if not s.segment]
-        segments = [s for s in sources if s.segment]
-        if not fragments and len(segments) <= MAX_SEGMENTS:
-            return
-        touched = self._touched(fragments)
-        if self.table_name in CHILD_TABLES and segments:
-            since = max(s.compacted_ns for s in segments)
-            touched = self._with_ledger_changes(touched, since)
-        keep_rows, lost = self._winners(sources, touched)
-        rewrite = fragments + [s for s in segments if s.order in lost]
-        kept = [s for s in segments if s.order not in lost]
-        if len(kept) + 1 > MAX_SEGMENTS:
-            kept.sort(key=lambda s: s.info.size or 0)
-            merge = len(kept) + 1 - MAX_SEGMENTS // 2
-            rewrite += kept[:merge]
-        self._rewrite(rewrite, touched, keep_rows)
+        first = True
+        while True:
+            fragments = [s for s in sources if not s.segment]
+            segments = [s for s in sources if s.segment]
+            if not fragments and len(segments) <= MAX_SEGMENTS:
+                return
+            # A backfill's day is 10k fragments: folded the oldest FRAGMENTS_PER_ROUND at a
+            # time, as that many runs would, memory is a round's keys and not the day's.
+            fragments, later = fragments[:FRAGMENTS_PER_ROUND], fragments[FRAGMENTS_PER_ROUND:]
+            touched = self._touched(fragments)
+            if first and self.table_name in CHILD_TABLES and segments:
+                # Ledger changes decide the old segments' rows again, once: the later
+                # rounds' segments were written after them.
+                since = max(s.compacted_ns for s in segments)
+                touched = self._with_ledger_changes(touched, since)
+            first = False
+            keep_rows, lost = self._winners(segments + fragments, touched)
+            rewrite = fragments + [s for s in segments if s.order in lost]
+            kept = [s for s in segments if s.order not in lost]
+            if len(kept) + 1 > MAX_SEGMENTS:
+                kept.sort(key=lambda s: s.info.size or 0)
+                merge = len(kept) + 1 - MAX_SEGMENTS // 2
+                rewrite += kept[:merge]
+            written = self._rewrite(rewrite, touched, keep_rows)
+            if not later:
+                return
+            gone = {s.info.path for s in rewrite}
+            rest = [s for s in sources if s.info.path not in gone]
+            sources = _in_order([*rest, *([written] if written else [])])
 
     def _sources(self) -> list[_Source] | None:
         found = []
@@ -167,11 +183,10 @@ class _Partition:
             segment = info.base_name.startswith(SEGMENT_PREFIX)
             names = frozenset(stored.names)
             found.append((stamp, info.base_name, info, segment, names, compacted))
-        found.sort(key=lambda item: (item[0], item[1]))
-        return [
-            _Source(info, order, stamp, segment, names, compacted)
-            for order, (stamp, _, info, segment, names, compacted) in enumerate(found)
-        ]
+        return _in_order([
+            _Source(info, 0, stamp, segment, names, compacted)
+            for stamp, _, info, segment, names, compacted in found
+        ])
 
     # pass 1: who wins
 
@@ -246,11 +261,8 @@ class _Partition:
             table = table.append_column("_pos", pa.array(np.arange(table.num_rows)))
             grouped = table.group_by(["_gk"], use_threads=False).aggregate([("_pos", "max")])
             winners = table.take(grouped["_pos_max"])
-        keep: dict[int, pa.Array] = {}
         sources_col = winners["_source"].to_numpy()
-        rows_col = winners["_row"].to_numpy()
-        for order in np.unique(sources_col):
-            keep[int(order)] = pa.array(rows_col[sources_col == order])
+        keep = _by_source(sources_col, winners["_row"])
         per_source = table.group_by(["_source"], use_threads=False).aggregate([("_row", "count")])
         won = dict(zip(*np.unique(sources_col, return_counts=True), strict=True))
         lost = {
@@ -288,9 +300,7 @@ class _Partition:
         attempts = pa.concat_tables(found)
         chosen = child_winners(self._ledger(touched), attempts)
         names = pc.binary_join_element_wise(chosen["_gk"], chosen["_attempt"], _SEP)
-        keep: dict[int, pa.Array] = {}
-        for order in pc.unique(chosen["_source"]).to_pylist():
-            keep[int(order)] = pc.filter(names, pc.equal(chosen["_source"], order)).combine_chunks()
+        keep = _by_source(chosen["_source"].to_numpy(), names)
         # A source loses when any attempt in it is not its key's chosen one.
         chosen_ids = pc.binary_join_element_wise(names, chosen["_source"].cast(pa.string()), _SEP)
         all_ids = pc.binary_join_element_wise(
@@ -325,9 +335,10 @@ class _Partition:
 
     def _rewrite(
         self, rewrite: list[_Source], touched: pa.Array, keep: dict[int, pa.Array]
-    ) -> None:
+    ) -> _Source | None:
+        """Write what survives of ``rewrite`` as one segment; return it (None if empty)."""
         if not rewrite:
-            return
+            return None
         names = sorted(s.info.base_name for s in rewrite)
         digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
         target = f"{self.directory}/{SEGMENT_PREFIX}{digest}-0.parquet"
@@ -354,10 +365,15 @@ class _Partition:
                 stream.close()
             _remove_quietly(self.fs, path)
             raise
+        written = None
         if writer is not None:
             writer.close()
             stream.close()
             self.fs.move(path, target)
+            written = _Source(
+                self.fs.get_file_info(target), 0, newest, True, frozenset(schema.names),
+                self.started_ns,
+            )
         for source in rewrite:
             if source.info.path != target:
                 _remove_quietly(self.fs, source.info.path)
@@ -367,6 +383,7 @@ class _Partition:
             rows_out,
             self.directory,
         )
+        return written
 
     def _surviving(
         self, rewrite: list[_Source], touched: pa.Array, keep: dict[int, pa.Array]
@@ -377,6 +394,9 @@ class _Partition:
         pending_rows = 0
         for source in sorted(rewrite, key=lambda s: s.order):
             wanted = keep.get(source.order, pa.array([], pa.string() if child else pa.int64()))
+            # Every key of a fragment is touched; only a segment's rows need the (costly:
+            # a hash of every touched key, per batch) test, and there are few segments.
+            untouched = touched if source.segment else None
             offset = 0
             for batch in self._batches(source, tuple(self.schema.names)):
                 gk = _group_key(batch, self.group)
@@ -386,9 +406,9 @@ class _Partition:
                 else:
                     named = pa.array(np.arange(offset, offset + batch.num_rows), pa.int64())
                 offset += batch.num_rows
-                survives = pc.or_(
-                    pc.invert(pc.is_in(gk, value_set=touched)), pc.is_in(named, value_set=wanted)
-                )
+                survives = pc.is_in(named, value_set=wanted)
+                if untouched is not None:
+                    survives = pc.or_(pc.invert(pc.is_in(gk, value_set=untouched)), survives)
                 kept = batch.filter(survives)
                 if kept.num_rows:  # an empty batch is never yielded
                     pending.append(kept)
@@ -413,6 +433,28 @@ class _Partition:
                 ]
                 fields = [self.schema.field(c) for c in columns]
                 yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _in_order(sources: list[_Source]) -> list[_Source]:
+    """Numbered oldest first (by the time each was written, then name): a later source wins
+    a tie."""
+    ordered = sorted(sources, key=lambda s: (s.written_ns, s.info.base_name))
+    return [dataclasses.replace(s, order=order) for order, s in enumerate(ordered)]
+
+
+def _by_source(sources: np.ndarray, rows: pa.Array | pa.ChunkedArray) -> dict[int, pa.Array]:
+    """``rows`` split by their source: one sort, not a scan of every row per source (a
+    backfill's partition has 10k fragments)."""
+    order = np.argsort(sources, kind="stable")
+    found, starts = np.unique(sources[order], return_index=True)
+    taken = pc.take(rows, pa.array(order))
+    if isinstance(taken, pa.ChunkedArray):
+        taken = taken.combine_chunks()
+    bounds = [*starts.tolist(), len(order)]
+    return {
+        int(source): taken.slice(bounds[i], bounds[i + 1] - bounds[i])
+        for i, source in enumerate(found.tolist())
+    }
 
 
 def _unique(arrays: list[pa.Array]) -> pa.Array:
