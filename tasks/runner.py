@@ -280,8 +280,9 @@ async def _fan_out(
             next_progress = loop.time() + PROGRESS_INTERVAL_SECONDS
             await aupdate_progress_artifact(progress_id, 100.0 * finished / max(listed, 1))
 
-    # No tags on the chunk tasks: Prefect opens a concurrency lease per tag at every task
-    # run's start, a database write that a SQLite server under load refused for seconds.
+    # No tags on the chunk tasks: for tagged task runs Prefect asks the server for a
+    # concurrency lease at every start (0.3 s in a deployed run), a write on the endpoint a
+    # SQLite server under load answered 503 after 2 s (tasks/slots.py `_lease_client`).
     async with asyncio.TaskGroup() as group:
         chunk: list[AudioObject] = []
         async for obj in objects:
