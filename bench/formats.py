@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,9 +53,10 @@ from bench.state import (
     _files_table,
     _hex_ids,
     _partition,
-    _rss_mb,
     _utterances_table,
     _write,
+    measure,
+    run_child,
 )
 
 RESENT_FILES = 100
@@ -66,7 +64,7 @@ MERGE_PREDICATE = "t.file_id = s.file_id AND t.idx = s.idx"
 # The recursive glob is the usual one; the flat one is what is left for an unpartitioned
 # Delta table, whose _delta_log/ holds Parquet checkpoints of another schema.
 DUCKDB_GLOBS = ("**/*.parquet", "*.parquet")
-CHILD_TIMEOUT_SECONDS = 240
+MODULE = "bench.formats"  # children run as `python -m bench.formats --child ...`
 RESULTS = Path(__file__).parent / "results" / "formats.json"
 
 
@@ -175,31 +173,6 @@ CHILD_TASKS: dict[str, Callable[[str], dict[str, Any]]] = {
 }
 
 
-# measuring: bench.state's child style; its own _child and _measure are tied to its tasks
-# and wait without a bound, so these two take the module and a timeout
-
-
-def _child(task: str, arg: str) -> None:
-    base = _rss_mb()
-    started = time.perf_counter()
-    found = CHILD_TASKS[task](arg)
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": round(seconds, 3), "peak_mb": round(peak, 1),
-                      "growth_mb": round(peak - base, 1), **found}, default=str))
-
-
-def _measure(task: str, arg: Path | str, module: str = "bench.formats") -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", module, "--child", task, str(arg)],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
-        timeout=CHILD_TIMEOUT_SECONDS,
-    )
-    if out.returncode:
-        raise RuntimeError(f"child {module} {task} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _on_disk(directory: Path) -> dict[str, Any]:
     """The data files under a directory (a Delta table keeps replaced ones until vacuum)."""
     files = [p for p in directory.rglob("*.parquet") if "_delta_log" not in p.parts]
@@ -214,36 +187,36 @@ def _live(dataset: ds.Dataset) -> dict[str, int]:
 
 
 def _run_delta(work: Path) -> dict[str, Any]:
-    found = {"appends": _measure("delta-appends", work)}
+    found = {"appends": measure("delta-appends", work, module=MODULE)}
     print(f"delta, {BIG_FRAGMENTS} appends: {found['appends']}", flush=True)
-    found["compact"] = _measure("delta-compact", work)
+    found["compact"] = measure("delta-compact", work, module=MODULE)
     print(f"delta, optimize.compact: {found['compact']}", flush=True)
-    found["resend"] = _measure("delta-merge", work)
+    found["resend"] = measure("delta-merge", work, module=MODULE)
     print(f"delta, merge of {RESENT_FILES} files: {found['resend']}", flush=True)
     directory = Path(_delta_dir(str(work)))
     found["on_disk"] = _on_disk(directory)
     # A plain glob of the directory reaches these too (Parquet, the log's own schema).
     found["checkpoints"] = sorted(p.name for p in directory.glob("_delta_log/*.checkpoint.parquet"))
     found["live"] = _live(DeltaTable(str(directory)).to_pyarrow_dataset())
-    found["plain_readers"] = _measure("read", directory)
+    found["plain_readers"] = measure("read", directory, module=MODULE)
     print(f"delta, plain readers: {found['plain_readers']}", flush=True)
     return found
 
 
 def _run_hive(work: Path) -> dict[str, Any]:
     root = _hive_root(str(work))
-    found = {"appends": _measure("hive-fragments", work)}
-    found["compact"] = _measure("compact-new", root, module="bench.state")
+    found = {"appends": measure("hive-fragments", work, module=MODULE)}
+    found["compact"] = measure("compact-new", root)
     print(f"ours, store.compact of 2M rows: {found['compact']}", flush=True)
     _resend_fragment(root, _big_ids()[:RESENT_FILES])
     # As a run does: its files partition is compacted first (tables in name order).
-    _measure("compact-files", root, module="bench.state")
-    found["resend"] = _measure("compact-new", root, module="bench.state")
+    measure("compact-files", root)
+    found["resend"] = measure("compact-new", root)
     print(f"ours, store.compact after {RESENT_FILES} files again: {found['resend']}", flush=True)
     directory = _partition(root, "utterances", BIG_DATE)
     found["on_disk"] = _on_disk(directory)
     found["live"] = _live(ds.dataset(directory, format="parquet"))
-    found["plain_readers"] = _measure("read", directory)
+    found["plain_readers"] = measure("read", directory, module=MODULE)
     print(f"ours, plain readers: {found['plain_readers']}", flush=True)
     return found
 
@@ -304,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", nargs=2, metavar=("TASK", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(*args.child)
+        run_child(CHILD_TASKS, *args.child)
         return
     work = Path(tempfile.mkdtemp(prefix="bench-formats-"))
     try:

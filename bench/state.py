@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -259,24 +259,33 @@ CHILD_TASKS: dict[str, Callable[[str], None]] = {
     "compact-files": _compact_files,
     "compact-wide": _compact_wide,
 }
+CHILD_TIMEOUT_SECONDS = 600
 
 
-def _child(task: str, root: str) -> None:
+def run_child(tasks: Mapping[str, Callable[[str], dict[str, Any] | None]], task: str,
+              arg: str) -> None:
+    """In a child process: run one task; print its time, peak RSS and RSS growth over the
+    process after imports, the arrow allocator, and what the task returns, as JSON."""
     base = _rss_mb()
     started = time.perf_counter()
-    CHILD_TASKS[task](root)
+    found = tasks[task](arg) or {}
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": round(seconds, 3), "peak_mb": round(peak, 1),
                       "growth_mb": round(peak - base, 1),
-                      "allocator": pa.default_memory_pool().backend_name}))
+                      "allocator": pa.default_memory_pool().backend_name, **found},
+                     default=str))
 
 
-def _measure(task: str, root: Path) -> dict[str, Any]:
+def measure(task: str, arg: Path | str, module: str = "bench.state") -> dict[str, Any]:
+    """Run `python -m <module> --child <task> <arg>` and return what it printed."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.state", "--child", task, str(root)],
-        check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        [sys.executable, "-m", module, "--child", task, str(arg)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        timeout=CHILD_TIMEOUT_SECONDS,
     )
+    if out.returncode:
+        raise RuntimeError(f"child {module} {task} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the old compaction (it peaks at ~2.5 GB)")
     args = parser.parse_args(argv)
     if args.child:
-        _child(*args.child)
+        run_child(CHILD_TASKS, *args.child)
         return
     work = Path(tempfile.mkdtemp(prefix="bench-state-"))
     results: dict[str, Any] = {}
@@ -310,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         info = synthesise(history)
         print(f"synthesised in {time.perf_counter() - started:.0f} s under {work}", flush=True)
         for path in ("old", "new"):
-            with_history = _measure(f"lookup-{path}", history)
-            without = _measure(f"lookup-{path}", empty)
+            with_history = measure(f"lookup-{path}", history)
+            without = measure(f"lookup-{path}", empty)
             results[f"startup_{path}"] = {
                 "history": with_history,
                 "empty": without,
@@ -323,22 +332,22 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_old_compaction:
             copy = work / "old"
             shutil.copytree(big, _partition(copy, "utterances", BIG_DATE))
-            results["compact_old_2m_fragments"] = _measure("compact-old", copy)
+            results["compact_old_2m_fragments"] = measure("compact-old", copy)
             print(f"old compaction: {results['compact_old_2m_fragments']}", flush=True)
             shutil.rmtree(copy)
-        results["compact_new_2m_fragments"] = _measure("compact-new", history)
-        results["compact_files_100k_fragments"] = _measure("compact-files", history)
+        results["compact_new_2m_fragments"] = measure("compact-new", history)
+        results["compact_files_100k_fragments"] = measure("compact-files", history)
         print(f"new compaction, 2M rows from fragments: {results['compact_new_2m_fragments']}",
               flush=True)
         # As a run does: its files partition is compacted first (tables in name order).
         _add_fragment(history, _run_ids(RUN_FILES), "run-next", "part-next-0.parquet")
-        _measure("compact-files", history)
-        results["compact_new_plus_1000_new_files"] = _measure("compact-new", history)
+        measure("compact-files", history)
+        results["compact_new_plus_1000_new_files"] = measure("compact-new", history)
         print(f"new compaction, +1,000 new files: {results['compact_new_plus_1000_new_files']}",
               flush=True)
         _add_fragment(history, info["big_ids"], "run-again", "part-again-0.parquet")
-        _measure("compact-files", history)
-        results["compact_new_superseding_100_files"] = _measure("compact-new", history)
+        measure("compact-files", history)
+        results["compact_new_superseding_100_files"] = measure("compact-new", history)
         print("new compaction, 100 files of the segment sent again: "
               f"{results['compact_new_superseding_100_files']}", flush=True)
         wide = work / "wide"
@@ -346,11 +355,11 @@ def main(argv: list[str] | None = None) -> None:
         synthesise_wide(wide)
         print(f"synthesised {WIDE_FRAGMENTS:,} fragments in {time.perf_counter() - started:.0f} s",
               flush=True)
-        results["compact_files_1m_10k_fragments"] = _measure("compact-wide", wide)
+        results["compact_files_1m_10k_fragments"] = measure("compact-wide", wide)
         wide_rows = _partition(wide, "files", WIDE_DATE)
         one_more = _files_table(_run_ids(100), "run-more", np.array(["completed"] * 100))
         _write(one_more, wide_rows, "part-more-0.parquet", time.time_ns())
-        results["compact_files_1m_plus_one_fragment"] = _measure("compact-wide", wide)
+        results["compact_files_1m_plus_one_fragment"] = measure("compact-wide", wide)
         results["wide_rows_after"] = pq.ParquetDataset(str(wide_rows)).read(
             columns=["file_id"]).num_rows
         results["wide_files_after"] = len(list(wide_rows.glob("*.parquet")))
