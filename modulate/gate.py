@@ -18,8 +18,10 @@ knows. The rules (keep in sync with the README, *Limits* and *Errors and retries
    one refused file at a time re-probes, spaced `probe_spacing()` apart when none of ours
    is in flight (the refusals must persist over `quota_evidence_s`).
 5. The monthly breaker opens on an explicit monthly/quota detail at once, or when
-   `threshold` (= min(declared, 3)) calls sent in doubt were refused with no success: at
-   most `declared` calls after the first refusal.
+   `threshold` (= min(declared, 3)) calls sent in doubt were refused with no success and
+   none sent in doubt is still on the wire (a burst over the real limit gets its refusals
+   back at once and its successes only after the latency): at most `declared` calls after
+   the first refusal.
 6. When every ambiguous refusal could also mean a bad key or a model not enabled (SVD's
    403 "not permitted") and nothing succeeded in this run, the verdict is `access`: the run
    stops naming the credentials, instead of deferring every file for a month.
@@ -79,6 +81,8 @@ class ModelGate:
         self._seq = 0
         self._doubt_since: int | None = None  # seq when the first ambiguous refusal came
         self._post_doubt = 0  # ambiguous refusals of calls sent after that
+        self._last_detail: str | None = None
+        self._on_wire: set[int] = set()  # seqs of the calls in flight
         self.alone = False  # the last ambiguous refusal came with none of ours in flight
         self._access_only = True  # every unexplained refusal could also be a bad key
         self._explicit = False
@@ -99,6 +103,7 @@ class ModelGate:
         """Count a call going on the wire."""
         self._seq += 1
         self.in_flight += 1
+        self._on_wire.add(self._seq)
         return Ticket(self._seq)
 
     def admitted(self, ticket: Ticket) -> None:
@@ -142,25 +147,38 @@ class ModelGate:
         if ticket.seq <= self._doubt_since:
             return
         self._post_doubt += 1
-        if self._post_doubt >= self.threshold:
-            if self.successes == 0 and self._access_only:
-                self._trip(
-                    "access",
-                    f"{self.model}: every call was refused ({error.detail or 'no detail'}) and"
-                    " none succeeded: the API key is wrong, the model is not enabled for the"
-                    " organisation, or its monthly limit is used up",
-                )
-            else:
-                self._trip(
-                    "quota",
-                    f"{self.model}: {self._post_doubt + 1} refusals with no success between"
-                    " them, the later ones sent after the first was seen",
-                )
+        self._last_detail = error.detail
         self._notify()
 
     def finished(self, ticket: Ticket) -> None:
         """The call is off the wire, whatever its outcome."""
         self.in_flight -= 1
+        self._on_wire.discard(ticket.seq)
+        self._judge()
+
+    def _judge(self) -> None:
+        """Open the breaker once `threshold` calls sent in doubt were refused with no success,
+        and none sent in doubt is still on the wire. A refusal comes back at once and a
+        success only after the call's latency, so a burst sent in doubt over the real limit
+        returns its refusals first: the calls of that burst still out must be heard."""
+        doubt = self._doubt_since
+        if doubt is None or self.open or self._post_doubt < self.threshold:
+            return
+        if any(seq > doubt for seq in self._on_wire):
+            return
+        if self.successes == 0 and self._access_only:
+            self._trip(
+                "access",
+                f"{self.model}: every call was refused ({self._last_detail or 'no detail'})"
+                " and none succeeded: the API key is wrong, the model is not enabled for the"
+                " organisation, or its monthly limit is used up",
+            )
+        else:
+            self._trip(
+                "quota",
+                f"{self.model}: {self._post_doubt + 1} refusals with no success between"
+                " them, the later ones sent after the first was seen",
+            )
 
     def probe_spacing(self, quota_evidence_s: float) -> float:
         """The least wait before a re-probe: while suspect with none of ours in flight, so

@@ -342,6 +342,37 @@ def test_explained_refusals_shrink_the_gate_and_it_probes_back_up() -> None:
     assert gate.limit == 5
 
 
+def test_a_burst_sent_in_doubt_is_heard_out_before_the_breaker_opens() -> None:
+    """CI on a slow host: block 10, service 4, every refusal "Insufficient credits.". The
+    calls sent after the first refusal went out together; three came back refused at once,
+    before the one the service took could answer, and the run was deferred for the month."""
+    gate = ModelGate(model="stt", declared=10)
+    first = gate.sent()
+    gate.refused(first, busy(suspect=True))  # the doubt starts
+    gate.finished(first)
+    burst = [gate.sent() for _ in range(4)]
+    for ticket in burst[1:]:
+        gate.refused(ticket, busy(suspect=True))
+        gate.finished(ticket)
+    assert not gate.open  # burst[0] is still on the wire
+    gate.admitted(burst[0])
+    gate.finished(burst[0])
+    assert not gate.open and not gate.suspect
+
+
+def test_a_burst_sent_in_doubt_all_refused_opens_the_breaker() -> None:
+    gate = ModelGate(model="stt", declared=10)
+    first = gate.sent()
+    gate.refused(first, busy(suspect=True))
+    gate.finished(first)
+    burst = [gate.sent() for _ in range(4)]
+    for ticket in burst:
+        gate.refused(ticket, busy(suspect=True))
+        gate.finished(ticket)
+        assert gate.open == (ticket is burst[-1])
+    assert gate.verdict == "quota"
+
+
 def test_gate_needs_a_positive_limit() -> None:
     with pytest.raises(ValueError):
         ModelGate(model="stt", declared=0)
