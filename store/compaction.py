@@ -43,7 +43,7 @@ from store.fragments import WRITTEN_AT_KEY, written_at
 from store.location import OutputLocation, data_files, partition_dir
 from store.locks import partition_lock
 from store.tables import CHILD_TABLES, LEDGER_TABLE, file_schema, group_columns
-from store.winners import child_winners, files_winners
+from store.winners import child_winners, files_winners, last_of_each
 
 __all__ = ["MAX_SEGMENTS", "SEGMENT_PREFIX", "compact"]
 
@@ -257,14 +257,11 @@ class _Partition:
         if self.table_name == LEDGER_TABLE:
             winners = files_winners(table, ("_gk",), ("_source", "_row"))
         else:  # no attempts: the most recently written row of the key
-            table = table.sort_by([("_source", "ascending"), ("_row", "ascending")])
-            table = table.append_column("_pos", pa.array(np.arange(table.num_rows)))
-            grouped = table.group_by(["_gk"], use_threads=False).aggregate([("_pos", "max")])
-            winners = table.take(grouped["_pos_max"])
-        sources_col = winners["_source"].to_numpy()
-        keep = _by_source(sources_col, winners["_row"])
+            ordered = table.sort_by([("_source", "ascending"), ("_row", "ascending")])
+            winners, _ = last_of_each(ordered, ["_gk"])
+        keep = _by_source(winners["_source"].to_numpy(), winners["_row"])
         per_source = table.group_by(["_source"], use_threads=False).aggregate([("_row", "count")])
-        won = dict(zip(*np.unique(sources_col, return_counts=True), strict=True))
+        won = {order: len(rows) for order, rows in keep.items()}
         lost = {
             int(order)
             for order, count in zip(

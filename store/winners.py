@@ -18,10 +18,12 @@ later attempt lands in the ledger.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["child_winners", "files_winners", "rank_order"]
+__all__ = ["child_winners", "files_winners", "last_of_each", "rank_order"]
 
 COMPLETED = "completed"
 NO_TIME = -1
@@ -51,13 +53,20 @@ def files_winners(table: pa.Table, group: tuple[str, ...], tie_breaks: tuple[str
     Returns the winners' rows (with the rank columns and ``_latest``, the greatest
     ``_finished`` of the key).
     """
-    ranked = rank_order(table, tie_breaks)
-    ranked = ranked.append_column("_pos", pa.array(range(ranked.num_rows), pa.int64()))
-    grouped = ranked.group_by(list(group), use_threads=False).aggregate(
-        [("_pos", "max"), ("_finished", "max")]
-    )
-    winners = ranked.take(grouped["_pos_max"])
-    return winners.append_column("_latest", grouped["_finished_max"])
+    winners, latest = last_of_each(rank_order(table, tie_breaks), group, also_max="_finished")
+    return winners.append_column("_latest", latest)
+
+
+def last_of_each(
+    ranked: pa.Table, group: Sequence[str], also_max: str | None = None
+) -> tuple[pa.Table, pa.ChunkedArray | None]:
+    """The last row of each ``group`` key of ``ranked`` (sorted already), and, aligned with
+    those rows, the greatest ``also_max`` of each key when asked."""
+    numbered = ranked.append_column("_pos", pa.array(range(ranked.num_rows), pa.int64()))
+    aggregates = [("_pos", "max"), *([(also_max, "max")] if also_max else [])]
+    grouped = numbered.group_by(list(group), use_threads=False).aggregate(aggregates)
+    greatest = grouped[f"{also_max}_max"] if also_max else None
+    return ranked.take(grouped["_pos_max"]), greatest
 
 
 def child_winners(ledger: pa.Table, attempts: pa.Table) -> pa.Table:
@@ -98,6 +107,5 @@ def child_winners(ledger: pa.Table, attempts: pa.Table) -> pa.Table:
     ranked = ranked.filter(pc.invert(pc.or_(failed, superseded))).sort_by(
         [("_rank", "ascending"), ("_attempt", "ascending"), ("_source", "ascending")]
     )
-    ranked = ranked.append_column("_pos", pa.array(range(ranked.num_rows), pa.int64()))
-    best = ranked.group_by(["_gk"], use_threads=False).aggregate([("_pos", "max")])
-    return ranked.take(best["_pos_max"]).select(["_gk", "_attempt", "_source"])
+    best, _ = last_of_each(ranked, ["_gk"])
+    return best.select(["_gk", "_attempt", "_source"])
