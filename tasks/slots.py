@@ -7,8 +7,8 @@ its queue, its gate (the concurrency the service accepts) or its fair share no l
 needs; and lets its own calls share what it holds through a local FIFO queue.
 
 A lease is given back whole, so a surplus is returned as the smallest set of leases that
-covers it; meanwhile no new call gets those slots, and once the calls on them have ended
-the set goes back and singles top the run up to its target again. (Returning whatever
+covers it; meanwhile no new call gets those slots, each lease of the set goes back as
+soon as the run's calls fit in the rest, and singles top the run up to its target again. (Returning whatever
 whole leases fit as calls end one by one spends the singles first and leaves a surplus no
 lease fits: 16 held, 13 used and 3 idle for good.) A dead
 worker's leases expire on the server after `lease_duration`, so no slot leaks.
@@ -343,22 +343,24 @@ class SlotPool:
         await self._register(client, "waiting", self._target() > self.held)
 
     async def _give_back(self, client: PrefectClient) -> None:
-        """Give back the smallest set of whole leases that covers the surplus, once free.
+        """Give back the smallest set of whole leases that covers the surplus, each once free.
 
         Never part of a lease: the slots given back must be free of our calls the moment
-        another run can take them.
+        another run can take them. Each lease of the set goes back as soon as our calls fit
+        in what remains, smallest first, not when the whole set is free: a slot whose call
+        ended is another run's at once, not idle until the last call on the set ends.
         """
         surplus = self.held - self._target()
         chosen = _smallest_cover(self._leases, surplus) if surplus > 0 else []
         self._returning = sum(lease.slots for lease in chosen)
         self._grant()  # the surplus may have shrunk since the last look
-        if not chosen or self._in_use > self.held - self._returning:
-            return  # its calls are still on those slots; _grant hands them out no more
-        for lease in chosen:  # each counts as held until the server has it back
-            await self._release(client, lease)
+        for lease in sorted(chosen, key=lambda lease: lease.slots):
+            if self._in_use > self.held - lease.slots:
+                return  # our calls are still on its slots; _grant hands them out no more
+            await self._release(client, lease)  # it counts as held until the server has it
             if lease in self._leases:  # not forgotten meanwhile
                 self._leases.remove(lease)
-        self._returning = 0
+            self._returning -= lease.slots
 
     async def _share(self, client: PrefectClient) -> None:
         """Check the limit is still there, join or leave the registry, and count the runs."""

@@ -102,6 +102,35 @@ async def test_leases_top_up_give_back_and_release(prefect_server: None) -> None
     assert await active(name) == 0
 
 
+async def test_each_lease_given_back_goes_as_soon_as_its_slots_are_free(
+    prefect_server: None,
+) -> None:
+    """A surplus of 8 of 16 goes back lease by lease as the calls on it end: the first
+    lease after two calls ended, not after all eight (the slots idle meanwhile)."""
+    name = await new_limit(16)
+    async with SlotPool(name, fallback_limit=16, renew_every=0.2) as pool:
+        pool.add_demand(16)
+        await until(lambda: pool.held == 16, what="16 slots leased")
+        ends = [asyncio.Event() for _ in range(16)]
+
+        async def call(end: asyncio.Event) -> None:
+            async with pool.slot():
+                await end.wait()
+
+        calls = [asyncio.create_task(call(end)) for end in ends]
+        await until(lambda: pool._in_use == 16, what="16 calls on the slots")
+        pool.add_demand(-8)
+        unit = max(lease.slots for lease in pool._leases)  # 2: leases of about C/8
+        for end in ends[:unit]:
+            end.set()
+        await until(lambda: pool.held < 16, what="a lease back after two calls ended")
+        assert pool.held >= 16 - unit and await active(name) == pool.held
+        for end in ends:
+            end.set()
+        await asyncio.gather(*calls)
+        await until(lambda: pool.held == 8, what="the whole surplus back")
+
+
 async def test_a_refused_increment_is_halved_and_retried(through: FaultProxy) -> None:
     name = await new_limit(8)
     rule = through.fail("POST", INCREMENT, 423, times=1)
