@@ -49,8 +49,7 @@ if TYPE_CHECKING:
     from tasks.streaming import StreamRoute
 
 __all__ = [
-    "DEFERRED_BUDGET", "DEFERRED_CONCURRENCY", "FileOutcome", "FirstCall", "RunContext",
-    "RunStopped",
+    "DEFERRED_BUDGET", "DEFERRED_CONCURRENCY", "FileOutcome", "RunContext", "RunStopped",
     "finish_held", "process_chunk",
 ]
 
@@ -120,7 +119,7 @@ class RunContext:
         self.audio_ms = 0
         # Files over the batch size limit go to the job's streaming model (tasks/streaming.py).
         self.streaming: StreamRoute | None = None
-        self.first_call = FirstCall(pool)
+        self.first_call = asyncio.Event()  # set by the run's first call to the service
         # Files between their S3 read and the end of their call: the pool's slots plus as
         # many read ahead. Unbounded, every file of the chunks in flight was read at once:
         # all their audio sat in memory (400 files here; 100 MB files would not fit), and
@@ -129,36 +128,6 @@ class RunContext:
         # call waited for all of them (3.5 s at start-up with 4 chunks of 100). A read ahead
         # per slot keeps the slots fed whenever a read is shorter than a call.
         self.reads = asyncio.Semaphore(2 * pool.fallback_limit)
-
-
-class FirstCall:
-    """The run's first call to the service, and the slots the run asks for until it is made.
-
-    Files count as demand from their calls on, and a run makes its first call 1-4 s after
-    it finds its first file to do (the listing's look-ahead window, the first chunk's task
-    start, its claims; deployed runs on a loaded machine). Asking for the limit meanwhile,
-    the pool leases slots, or tells the runs holding them that it waits, before the calls
-    need them: asked for at its first chunk instead, the second run of `bench --only
-    shared` had half the slots 2.6-5.2 s after its start. A run with nothing to do asks
-    for nothing.
-    """
-
-    def __init__(self, pool: SlotPool) -> None:
-        self.pool = pool
-        self.settled = asyncio.Event()  # the first call was made, or none will be
-        self._asked = 0
-
-    def ask_ahead(self) -> None:
-        """The run found a file to call the service for."""
-        if not self._asked and not self.settled.is_set():
-            self._asked = self.pool.limit
-            self.pool.add_demand(self._asked)
-
-    def settle(self) -> None:
-        """The first call is being made (or the run makes none): the files count themselves."""
-        if not self.settled.is_set():
-            self.settled.set()
-            self.pool.add_demand(-self._asked)
 
 
 @task(name="process-chunk", cache_policy=NO_CACHE)
@@ -335,7 +304,7 @@ async def _call_with_policy(
 ) -> Any:
     def attempt() -> None:
         ctx.calls += 1
-        ctx.first_call.settle()
+        ctx.first_call.set()
         ledger["attempts"] += 1
 
     def refused(error: ModulateError) -> None:

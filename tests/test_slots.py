@@ -15,7 +15,6 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks.batch import FirstCall
 from tasks.slots import SlotPool, SlotsLost, registry_names
 from tests.fault_proxy import FaultProxy, until
 
@@ -130,26 +129,6 @@ async def test_each_lease_given_back_goes_as_soon_as_its_slots_are_free(
             end.set()
         await asyncio.gather(*calls)
         await until(lambda: pool.held == 8, what="the whole surplus back")
-
-
-async def test_a_run_asks_for_slots_from_its_first_file_until_its_first_call(
-    prefect_server: None,
-) -> None:
-    """The slots are leased while the run starts its first chunk, and the ask ends with the
-    first call (or with a run that makes none): it never hoards what its files do not use."""
-    name = await new_limit(8)
-    async with SlotPool(name, fallback_limit=8, renew_every=0.2) as pool:
-        first_call = FirstCall(pool)
-        first_call.ask_ahead()
-        first_call.ask_ahead()  # once per run, however many files it finds
-        await until(lambda: pool.held == 8, what="the limit leased before any call")
-        pool.add_demand(2)  # two files reach their calls
-        first_call.settle()
-        await until(lambda: pool.held == 2, what="the ask withdrawn at the first call")
-        first_call.ask_ahead()  # too late: the files count themselves now
-        pool.add_demand(-2)
-        await until(lambda: pool.held == 0, what="nothing held without files")
-        assert first_call.settled.is_set() and await active(name) == 0
 
 
 async def test_a_refused_increment_is_halved_and_retried(through: FaultProxy) -> None:
