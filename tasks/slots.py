@@ -51,8 +51,10 @@ DEFAULT_LEASE_SECONDS = 60.0  # the server's minimum
 DEFAULT_FAILURE_BOUND_SECONDS = 60.0
 TOPUP_INTERVAL_SECONDS = 0.25
 # How soon a run holding slots sees that another waits: it goes into a newcomer's wait for
-# its share (bench --only shared: B's half 2.6-5.2 s at 1 s). Three reads of the server.
+# its share (bench --only shared: B's half 2.6-5.2 s at 1 s). One read of the server while
+# nobody waits; each Prefect call costs the calls' event loop ~3 ms of CPU on a slow host.
 FAIR_SHARE_INTERVAL_SECONDS = 0.5
+LIMIT_CHECK_INTERVAL_SECONDS = 2.0  # the limit still there, and its size
 LEASE_UNITS = 8  # a run leases its slots in about this many pieces
 REGISTRY_LIMIT = 100_000  # registry limits count runs; they never refuse one
 _BACKOFF_CAP_SECONDS = 10.0
@@ -121,6 +123,7 @@ class SlotPool:
         self._returning = 0  # slots of the leases chosen to go back, no longer handed out
         self._registry: dict[str, _Lease | None] = dict.fromkeys(registry_names(name))
         self._runs = 1
+        self._runs_made = False
         self._others_waiting = False
         self._in_use = 0
         self._demand = 0
@@ -272,13 +275,16 @@ class SlotPool:
     async def _maintain(self) -> None:
         loop = asyncio.get_running_loop()
         next_renewal = loop.time() + self.renew_every
-        next_share = loop.time()
+        next_share = next_check = loop.time()
         last_ok = loop.time()
         failures = 0
         async with _lease_client() as client:
             while True:
                 try:
                     self._drop_expired(loop.time())
+                    if loop.time() >= next_check:
+                        await self._read_limit(client)
+                        next_check = loop.time() + LIMIT_CHECK_INTERVAL_SECONDS
                     if loop.time() >= next_share:
                         await self._share(client)
                         next_share = loop.time() + FAIR_SHARE_INTERVAL_SECONDS
@@ -365,17 +371,24 @@ class SlotPool:
             self._returning -= lease.slots
 
     async def _share(self, client: PrefectClient) -> None:
-        """Check the limit is still there, join or leave the registry, and count the runs."""
-        await self._read_limit(client)
+        """See whether another run waits; join or leave the registry, and count the runs.
+
+        The runs are counted only when someone waits (the share matters only then) or this
+        run joins or leaves: one read per pass otherwise.
+        """
         runs_name, waiting_name = registry_names(self.name)
         # Made here if missing (the first run of a limit, or someone deleted them), so that
         # _register only leases; read before joining, so a join counts itself.
-        runs = await _read_or_create(client, runs_name)
         waiting = await _read_or_create(client, waiting_name)
-        joined = self._registry[runs_name] is None and self._demand > 0
-        await self._register(client, "runs", self._demand > 0)
-        self._runs = max(1, runs.active_slots + joined)
-        self._others_waiting = waiting.active_slots - (self._registry[waiting_name] is not None) > 0
+        others = waiting.active_slots - (self._registry[waiting_name] is not None) > 0
+        member = self._demand > 0
+        if others or member != (self._registry[runs_name] is not None) or not self._runs_made:
+            runs = await _read_or_create(client, runs_name)
+            self._runs_made = True  # so _top_up may join it before the next pass
+            joined = self._registry[runs_name] is None and member
+            await self._register(client, "runs", member)
+            self._runs = max(1, runs.active_slots + joined)
+        self._others_waiting = others
         self._grant()
 
     async def _register(self, client: PrefectClient, which: str, member: bool) -> None:
