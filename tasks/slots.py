@@ -365,10 +365,12 @@ class SlotPool:
         for lease in sorted(chosen, key=lambda lease: lease.slots):
             if self._in_use > self.held - lease.slots:
                 return  # our calls are still on its slots; _grant hands them out no more
-            await self._release(client, lease)  # it counts as held until the server has it
-            if lease in self._leases:  # not forgotten meanwhile
-                self._leases.remove(lease)
+            # Forgotten before the release is sent: a run that ends meanwhile must not send
+            # it again. Prefect's server reads a lease, decrements, then revokes it, so two
+            # releases at once both decrement and the limit undercounts for every run.
+            self._leases.remove(lease)
             self._returning -= lease.slots
+            await self._release(client, lease)
 
     async def _share(self, client: PrefectClient) -> None:
         """See whether another run waits; join or leave the registry, and count the runs.

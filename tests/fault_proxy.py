@@ -2,7 +2,9 @@
 
 It forwards every request to `upstream` unless a rule matches (method and path pattern),
 in which case it answers with the rule's status instead, `times` times (or until cleared).
-Runs uvicorn on 127.0.0.1 in a thread of its own.
+`hold()` keeps matching requests from going upstream until the test lets them go, so that
+a test can act while a request is in flight. Runs uvicorn on 127.0.0.1 in a thread of its
+own.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class FaultProxy:
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
         self.forwarded: list[tuple[str, str]] = []
+        self.bodies: list[tuple[str, bytes]] = []  # (path, body) of every forwarded request
+        self._holds: list[tuple[str, re.Pattern[str], threading.Event]] = []
+        self.held = 0  # requests waiting at a hold now
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -62,9 +67,19 @@ class FaultProxy:
             self._rules.append(rule)
         return rule
 
+    def hold(self, method: str, path: str) -> threading.Event:
+        """Keep matching requests back until the returned event is set (at most 30 s)."""
+        released = threading.Event()
+        with self._lock:
+            self._holds.append((method.upper(), re.compile(path), released))
+        return released
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
+            for _, _, released in self._holds:
+                released.set()
+            self._holds.clear()
 
     def start(self) -> FaultProxy:
         self._thread.start()
@@ -95,13 +110,16 @@ class FaultProxy:
             return JSONResponse(
                 {"detail": "injected fault"}, status_code=rule.status, headers=rule.headers
             )
+        body = await request.body()  # all of it sent: the server gets it even if the client
+        await self._wait_at_holds(request.method, path)  # gives up waiting for the answer
         self.forwarded.append((request.method, path))
+        self.bodies.append((path, body))
         async with httpx.AsyncClient(timeout=30) as client:
             upstream = await client.request(
                 request.method,
                 f"{self.upstream}{path}",
                 params=request.query_params,
-                content=await request.body(),
+                content=body,
                 headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
             )
         headers = {
@@ -109,6 +127,17 @@ class FaultProxy:
             if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
         }
         return Response(upstream.content, status_code=upstream.status_code, headers=headers)
+
+
+    async def _wait_at_holds(self, method: str, path: str) -> None:
+        with self._lock:
+            events = [e for m, pattern, e in self._holds if m == method and pattern.search(path)]
+        for released in events:
+            self.held += 1
+            try:
+                await asyncio.to_thread(released.wait, 30)  # bounded: a test that forgets
+            finally:
+                self.held -= 1
 
 
 async def until(condition, *, what: str, timeout: float = 30.0) -> None:

@@ -131,6 +131,36 @@ async def test_each_lease_given_back_goes_as_soon_as_its_slots_are_free(
         await until(lambda: pool.held == 8, what="the whole surplus back")
 
 
+async def test_a_run_that_ends_while_giving_a_lease_back_releases_it_once(
+    through: FaultProxy,
+) -> None:
+    """Prefect's server reads a lease, decrements the limit, then revokes the lease: two
+    releases of one lease at once would both decrement, and the limit would then count fewer
+    slots than are in use. A run that ends while a give-back is on the wire sends each lease
+    once (this did not fail on the code before the fix either: the guard is for the
+    invariant, the concurrency refusals of bench --only workers are not explained yet)."""
+    name = await new_limit(8)
+    releases = r"/decrement-with-lease$"
+    pool = SlotPool(name, fallback_limit=8, renew_every=0.2)
+    await pool.__aenter__()
+    try:
+        pool.add_demand(8)
+        await until(lambda: pool.held == 8, what="8 slots leased")
+        leases = len(pool._leases)
+        on_hold = through.hold("POST", releases)
+        pool.add_demand(-8)  # everything goes back, a lease at a time
+        await until(lambda: through.held == 1, what="a give-back on the wire")
+    finally:
+        ending = asyncio.create_task(pool.__aexit__(None, None, None))
+        await until(lambda: pool._maintainer is not None and pool._maintainer.done(),
+                    what="the lease keeper stopped")
+        on_hold.set()
+        await asyncio.wait_for(ending, 30)
+    released = [body for path, body in through.bodies if path.endswith("decrement-with-lease")]
+    assert len(released) == len(set(released)) >= leases, "a lease released twice"
+    assert await active(name) == 0
+
+
 async def test_a_refused_increment_is_halved_and_retried(through: FaultProxy) -> None:
     name = await new_limit(8)
     rule = through.fail("POST", INCREMENT, 423, times=1)
