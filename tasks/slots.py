@@ -7,11 +7,11 @@ its queue, its gate (the concurrency the service accepts) or its fair share no l
 needs; and lets its own calls share what it holds through a local FIFO queue.
 
 A lease is given back whole, so a surplus is returned as the smallest set of leases that
-covers it; meanwhile no new call gets those slots, each lease of the set goes back as
-soon as the run's calls fit in the rest, and singles top the run up to its target again. (Returning whatever
-whole leases fit as calls end one by one spends the singles first and leaves a surplus no
-lease fits: 16 held, 13 used and 3 idle for good.) A dead
-worker's leases expire on the server after `lease_duration`, so no slot leaks.
+covers it; meanwhile no new call gets those slots, each lease of the set goes back as soon
+as the run's calls fit in the rest, and singles top the run up to its target again.
+(Returning whatever whole leases fit as calls end one by one spends the singles first and
+leaves a surplus no lease fits: 16 held, 13 used and 3 idle for good.) A dead worker's
+leases expire on the server after `lease_duration`, so no slot leaks.
 
 Fair share: every run with work holds one slot of `<limit>:runs`, and every run that
 wants more than it could get holds one of `<limit>:waiting`. While someone waits, no run
