@@ -42,8 +42,7 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
-        self.forwarded: list[tuple[str, str]] = []
-        self.bodies: list[tuple[str, bytes]] = []  # (path, body) of every forwarded request
+        self.forwarded: list[tuple[str, str, bytes]] = []  # (method, path, body)
         self._holds: list[tuple[str, re.Pattern[str], threading.Event]] = []
         self.held = 0  # requests waiting at a hold now
         with socket.socket() as sock:
@@ -112,8 +111,7 @@ class FaultProxy:
             )
         body = await request.body()  # all of it sent: the server gets it even if the client
         await self._wait_at_holds(request.method, path)  # gives up waiting for the answer
-        self.forwarded.append((request.method, path))
-        self.bodies.append((path, body))
+        self.forwarded.append((request.method, path, body))
         async with httpx.AsyncClient(timeout=30) as client:
             upstream = await client.request(
                 request.method,
@@ -127,7 +125,6 @@ class FaultProxy:
             if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
         }
         return Response(upstream.content, status_code=upstream.status_code, headers=headers)
-
 
     async def _wait_at_holds(self, method: str, path: str) -> None:
         with self._lock:
