@@ -5,24 +5,39 @@ bench/postgres.py), then on SQLite: four process workers, eight flow runs create
 once, every one with the same emulator key (so the emulator's `max_in_flight` is the org's,
 exact) and the same limits block (one Prefect limit of C). Measured per database: files/s
 from the first call to the last against C/L (target >= 0.9), the same from the first
-flow-run start to the last end, the emulator's max in flight (never over C) and the
-limit's active slots afterwards (zero).
+flow-run start to the last end, the emulator's max in flight (never over C), the calls it
+refused for concurrency (none: the runs together never sent more than C), the samples in
+which the emulator had more calls in flight than the limit had slots leased, and the
+limit's active slots afterwards (zero). When a run does not complete or a call is refused,
+the workers' logs are kept and their folder printed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.table import Table
 
 from bench import postgres
 from bench.fleet import MODEL, Fleet, running_fleet
-from bench.services import BenchServices, bench_files, sample_in_flight, start_services, upload
+from bench.services import (
+    SAMPLE_S,
+    BenchServices,
+    bench_files,
+    sample_in_flight,
+    start_services,
+    upload,
+)
 from tasks.slots import limit_name
 
 __all__ = ["print_workers", "run_workers", "targets"]
@@ -54,17 +69,27 @@ def run_workers(
         for database in DATABASES:
             console.print(f"workers: Prefect server on {database}, {WORKERS} workers, "
                           f"{RUNS} runs of {files} files")
-            with contextlib.ExitStack() as stack:
-                home = Path(stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix=f"modulate-bench-{database}-")
-                ))
-                url = (stack.enter_context(postgres.temporary_cluster())
-                       if database == "postgresql" else None)
-                fleet = stack.enter_context(running_fleet(home, WORKERS, url))
-                results[database] = asyncio.run(
-                    _measure(fleet, services, files, concurrent, latency_s)
-                )
+            with tempfile.TemporaryDirectory(prefix=f"modulate-bench-{database}-") as temp:
+                home = Path(temp)
+                with contextlib.ExitStack() as stack:
+                    url = (stack.enter_context(postgres.temporary_cluster())
+                           if database == "postgresql" else None)
+                    fleet = stack.enter_context(running_fleet(home, WORKERS, url))
+                    results[database] = run = asyncio.run(
+                        _measure(fleet, services, files, concurrent, latency_s)
+                    )
+                # Kept once the workers have stopped, so their logs are whole.
+                if run["states"] != ["Completed"] or run["rejections"]:
+                    run["worker_logs"] = _keep_logs(home, database)
+                    console.print(f"workers on {database}: logs kept in {run['worker_logs']}")
     return results
+
+
+def _keep_logs(home: Path, database: str) -> str:
+    kept = Path(tempfile.mkdtemp(prefix=f"modulate-bench-{database}-logs-"))
+    for log in home.glob("worker-*.log"):
+        shutil.copy(log, kept)
+    return str(kept)
 
 
 async def _measure(
@@ -77,7 +102,12 @@ async def _measure(
             concurrent=concurrent, api_key=f"key-{ORGANIZATION}",
         )
     services.reset_stats()
-    with sample_in_flight(services.emulator_url, [ORGANIZATION], MODEL) as seen:
+    limit_slots = limit_name(ORGANIZATION, MODEL)
+    with (
+        sample_in_flight(services.emulator_url, [ORGANIZATION], MODEL) as seen,
+        _sample_over_leased(fleet.env["PREFECT_API_URL"], limit_slots,
+                            services.emulator_url) as over,
+    ):
         ids = [await fleet.run(blocks=name, prefix=PREFIX, files=files) for name in names]
         runs = await fleet.wait_final(ids, RUNS_TIMEOUT_S)
     stats = services.stats(ORGANIZATION, MODEL)
@@ -97,8 +127,53 @@ async def _measure(
         "of_limit_flows": round(stats["completed"] / flows_s / limit, 3),
         "max_in_flight": stats["max_in_flight"],
         "rejections": {k: v for k, v in stats["rejections"].items() if v},
-        "slots_held_after": await fleet.active_slots(limit_name(ORGANIZATION, MODEL)),
+        "over_leased_samples": f"{over.over} of {over.samples}",
+        "slots_held_after": await fleet.active_slots(limit_slots),
     }
+
+
+@dataclass
+class OverLeased:
+    """Samples in which the emulator had more calls in flight than the limit leased."""
+
+    samples: int = 0
+    over: int = 0
+
+
+@contextlib.contextmanager
+def _sample_over_leased(api_url: str, limit: str, emulator_url: str) -> Iterator[OverLeased]:
+    """Every 50 ms: the limit's active slots, the emulator's in-flight count, the slots again.
+
+    The two servers cannot be read at one instant. A call holds its slot from before it is
+    sent until after its answer, so a call in flight at the emulator's read holds a slot at
+    one of the two limit reads either side, unless its whole lease began and ended between
+    them; comparing with the larger read leaves only that case, which 50 ms makes rare.
+    """
+    stop = threading.Event()
+    seen = OverLeased()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            def leased() -> int:
+                found = client.get(f"{api_url}/v2/concurrency_limits/{limit}")
+                found.raise_for_status()
+                return int(found.json()["active_slots"])
+
+            while not stop.is_set():
+                before = leased()
+                stats = client.get(f"{emulator_url}/_emulator/stats").json()
+                in_flight = stats["orgs"][ORGANIZATION][MODEL]["in_flight"]
+                seen.samples += 1
+                seen.over += in_flight > max(before, leased())
+                stop.wait(SAMPLE_S)
+
+    sampler = threading.Thread(target=poll, name="bench-over-leased", daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join(timeout=30)
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -110,6 +185,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
              f">= {MIN_OF_LIMIT}", run["of_limit"] >= MIN_OF_LIMIT),
             (f"workers on {database}: max in flight", run["max_in_flight"], f"<= {c}",
              run["max_in_flight"] <= c),
+            (f"workers on {database}: calls refused for concurrency",
+             run["rejections"].get("concurrency", 0), "0",
+             not run["rejections"].get("concurrency", 0)),
             (f"workers on {database}: slots held afterwards", run["slots_held_after"], "0",
              run["slots_held_after"] == 0),
         ]
@@ -121,7 +199,8 @@ def print_workers(results: dict[str, Any], console: Console) -> None:
                   f"{results['workers']} process workers, one limit of C = "
                   f"{results['concurrent']}, L = {results['latency_s']} s")
     for column in ("database", "states", "completed", "files/s", "of C/L (calls)",
-                   "of C/L (flow runs)", "max in flight", "rejections", "slots held after"):
+                   "of C/L (flow runs)", "max in flight", "rejections", "in flight > leased",
+                   "slots held after"):
         table.add_column(column)
     for database in DATABASES:
         run = results[database]
@@ -129,5 +208,5 @@ def print_workers(results: dict[str, Any], console: Console) -> None:
         table.add_row(database, ", ".join(run["states"]), str(run["completed"]),
                       f"{run['files_per_s']:.2f}", f"{run['of_limit']:.3f}",
                       f"{run['of_limit_flows']:.3f}", str(run["max_in_flight"]), rejections,
-                      str(run["slots_held_after"]))
+                      run["over_leased_samples"], str(run["slots_held_after"]))
     console.print(table)
