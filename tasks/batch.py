@@ -208,8 +208,11 @@ async def _process_and_write(
 ) -> FileOutcome:
     if ctx.writer is None:
         raise RuntimeError("a RunContext that runs chunks needs a ResultsWriter")
-    ledger, rows = await _process_file(ctx, obj, logger)
-    await ctx.writer.put(ledger, rows)  # returns once the rows are durable
+    try:
+        ledger, rows = await _process_file(ctx, obj, logger)
+        await ctx.writer.put(ledger, rows)  # returns once the rows are durable
+    finally:
+        ctx.writer.leave(obj.file_id)  # a file stopped on its way gives its room back
     outcome = FileOutcome(ledger["status"], ledger["error_class"], ledger["audio_duration_ms"])
     ctx.statuses[outcome.status] += 1
     ctx.audio_ms += outcome.audio_duration_ms or 0
@@ -268,7 +271,7 @@ async def _process_file(
             return finish(DEFERRED_BUDGET, detail=over), {}
 
         if ctx.writer is not None:
-            await ctx.writer.room()  # bounds what a crash loses (tasks/results_writer.py)
+            await ctx.writer.room(obj.file_id)  # bounds what a crash loses
         ctx.pool.add_demand(1)
         try:
             result = await _call_with_policy(ctx, obj, audio, ledger)

@@ -8,10 +8,12 @@ data tables first, the `files` ledger last, so a ledger row never points at rows
 there. A flush's fragment name is a hash of the config and its file ids, so writing it again
 overwrites it.
 
-A file waits for `room()` before its call while twice `max_files` paid results (files that
-made a call) wait to be written:
-so at any moment at most 2C results are paid for and not yet durable, plus the C calls in
-flight, whatever the speed of the output. A SIGKILL loses no more than those 3C.
+A file takes `room()` before its call and keeps it until its rows are durable, and at most
+three times `max_files` files hold room at once: the C calls in flight, the files waiting
+for a slot and the results waiting to be written, whatever the speed of the output. So a
+SIGKILL loses no more than 3C paid results. (Counting only the results handed over let the
+files read ahead pass while the count was low: 4C - 1 of them, C = 2 in
+tests/test_results_writer.py.)
 
 A failed write is retried as a write (bounded backoff), never by calling the service again. A
 write that still fails breaks the writer: every waiting and later `put` raises
@@ -101,11 +103,11 @@ class ResultsWriter:
         self.touched: set[tuple[str, str]] = set()  # (table, date) written, for compaction
         self.flushes = 0
         self.failure: OutputUnwritable | None = None
-        self.window = 2 * max_files
-        # Paid results handed over and not yet written (pending and being written); files
-        # that made no call (deferred, skipped) do not count: a crash costs nothing for them.
-        self._undurable = 0
-        self._room = asyncio.Condition()
+        self.window = 3 * max_files
+        # Files between their room() and their rows written; files that made no call
+        # (skipped, deferred before it) never take room: a crash costs nothing for them.
+        self._holding: set[str] = set()
+        self._freed = asyncio.Event()
         self._pending: list[tuple[dict[str, Any], Rows, asyncio.Future[None]]] = []
         self._oldest = 0.0
         self._wake = asyncio.Event()
@@ -128,19 +130,26 @@ class ResultsWriter:
         if self._flusher is not None:
             await self._flusher
 
-    async def room(self) -> None:
-        """Wait until fewer than `window` results wait to be written (call before a call).
+    async def room(self, file_id: str) -> None:
+        """Wait until fewer than `window` files hold room, then hold it (call before a call).
+
+        The file holds it until its rows are durable, or until `leave` if it ends otherwise.
 
         Raises:
             OutputUnwritable: the output could not be written.
         """
-        if self._undurable >= self.window and self.failure is None:
-            async with self._room:
-                await self._room.wait_for(
-                    lambda: self._undurable < self.window or self.failure is not None
-                )
+        while len(self._holding) >= self.window and self.failure is None:
+            self._freed.clear()
+            await self._freed.wait()
         if self.failure is not None:
             raise self.failure
+        self._holding.add(file_id)
+
+    def leave(self, file_id: str) -> None:
+        """Give up a file's room if it still holds it (it stopped before its rows were put)."""
+        if file_id in self._holding:
+            self._holding.discard(file_id)
+            self._freed.set()
 
     async def put(self, ledger_row: dict[str, Any], rows: Rows) -> None:
         """Hand over one finished file; returns once its rows are written.
@@ -154,7 +163,6 @@ class ResultsWriter:
         if not self._pending:
             self._oldest = time.monotonic()
         self._pending.append((ledger_row, rows, done))
-        self._undurable += _paid(ledger_row)
         self._wake.set()
         # Shielded: a cancelled waiter leaves its rows to be written all the same.
         await asyncio.shield(done)
@@ -196,9 +204,8 @@ class ResultsWriter:
                 await asyncio.to_thread(self._write, writes, fragment_id)
             except OutputUnwritable as exc:
                 self.failure = exc
-        self._undurable -= sum(_paid(row) for row in ledger)
-        async with self._room:
-            self._room.notify_all()
+        self._holding.difference_update(row["file_id"] for row in ledger)
+        self._freed.set()  # also when the write failed: the waiters raise its error
         for _, _, done in batch:
             if done.done():
                 continue
@@ -230,7 +237,3 @@ class ResultsWriter:
                         self.policy.attempts, wait,
                     )
                     time.sleep(wait)  # in the writer's thread, not the event loop
-
-
-def _paid(ledger_row: dict[str, Any]) -> int:
-    return 1 if (ledger_row.get("attempts") or 0) > 0 else 0

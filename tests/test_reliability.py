@@ -128,9 +128,10 @@ async def test_sigkill_mid_run_then_rerun_resends_at_most_3c(org_env, emulator) 
     assert state.name == "Completed", state.message
     assert assert_one_row_per_file(org_env.output) == files
     assert set(ledger(org_env).status) == {"completed"}
-    # At most C calls in flight and 2C results waiting to be written when the kill came
-    # (tasks/results_writer.py `ResultsWriter.window`; keep in sync). Before the writer, a
-    # chunk was written when its slowest file ended: up to 60 files here.
+    # At most 3C files held the writer's room when the kill came: calls in flight, files
+    # waiting for a slot, results waiting to be written (tasks/results_writer.py
+    # `ResultsWriter.window`; keep in sync). Before the writer, a chunk was written when its
+    # slowest file ended: up to 60 files here.
     resent = org_env.stats("stt")["requests"] - files
     assert 0 <= resent <= 3 * concurrent, (resent, sent_before_kill)
 

@@ -1,0 +1,80 @@
+"""The results writer's bound on paid results that are not yet durable (tasks/results_writer.py).
+
+A SIGKILL loses what was paid for and not yet written; the writer promises at most 3C of
+those (2C waiting to be written, C in flight), whatever the speed of the output. The output
+here is a real local directory whose `files` table cannot be written until the test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from store.location import OutputLocation, table_dir
+from tasks.results_writer import ResultsWriter, WritePolicy
+
+C = 2
+FILES = 20
+# Retried every 0.1 s or sooner for 20 s: the output is stalled, not broken.
+STALLED = WritePolicy(attempts=200, initial_s=0.01, cap_s=0.1)
+WAIT_S = 30.0
+
+
+def ledger_row(i: int) -> dict[str, object]:
+    now = datetime.now(UTC)
+    return {
+        "file_id": f"f{i:03d}", "config_hash": "c", "model": "stt", "date": "2026-12-01",
+        "flow_run_id": "run", "source_uri": f"s3://in/{i}.wav", "etag": "e", "size_bytes": 1,
+        "status": "completed", "error_class": None, "error_detail": None, "attempts": 1,
+        "audio_duration_ms": 1000, "started_at": now, "finished_at": now, "output_uri": None,
+    }
+
+
+async def settle() -> None:
+    """Let every task that can run do so: all of them are in this event loop."""
+    for _ in range(100):
+        await asyncio.sleep(0)
+
+
+async def test_no_more_than_3c_files_are_paid_for_and_not_durable(tmp_path: Path) -> None:
+    """Shaped like tasks/batch.py: 2C files read ahead, each waits for room, then for one of
+    C slots for its call, then hands its rows over. The service answers one call at a time,
+    for as long as calls come, while the output is stalled."""
+    location = OutputLocation(root=str(tmp_path / "out"))
+    blocker = Path(table_dir(str(tmp_path / "out"), "files"))
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory: every write of the ledger fails until removed")
+    reads, slots = asyncio.Semaphore(2 * C), asyncio.Semaphore(C)
+    calls: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+
+    async def one_file(i: int) -> None:
+        async with reads:
+            await writer.room(f"f{i:03d}")
+            async with slots:
+                answer = asyncio.get_running_loop().create_future()
+                await calls.put(answer)
+                await answer
+        await writer.put(ledger_row(i), {})
+
+    async with ResultsWriter(location, "c", max_files=C, max_delay_s=0.0, policy=STALLED) as writer:
+        files = [asyncio.create_task(one_file(i)) for i in range(FILES)]
+        paid = 0
+        await settle()
+        while not calls.empty():
+            calls.get_nowait().set_result(None)
+            paid += 1
+            await settle()
+        assert writer.flushes == 0, "the output was not stalled"
+        assert paid <= 3 * C, f"{paid} calls paid for while none of them could be written"
+        blocker.unlink()
+        while paid < FILES:
+            async with asyncio.timeout(WAIT_S):
+                (await calls.get()).set_result(None)
+            paid += 1
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(*files)
+    written = pd.read_parquet(table_dir(str(tmp_path / "out"), "files"))
+    assert sorted(written.source_uri) == sorted(f"s3://in/{i}.wav" for i in range(FILES))
