@@ -59,6 +59,26 @@ def test_every_deployment_exists_on_the_process_pool(
     assert set(deployments) == {spec["name"] for spec in declared}
 
 
+def test_every_package_that_logs_reaches_the_runs_logs(
+    deployments: dict[str, dict[str, Any]],
+) -> None:
+    """Prefect sends a library's logs to the run's logs (the UI) only if it is named."""
+    not_shipped = {"tests", "bench", "emulator"}
+    shipped = [
+        package for package in ROOT.iterdir()
+        if (package / "__init__.py").is_file() and package.name not in not_shipped
+    ]
+    logging_packages = {
+        package.name for package in shipped
+        if any("logging.getLogger(__name__" in f.read_text() for f in package.rglob("*.py"))
+    }
+    assert {"modulate", "tasks"} <= logging_packages
+    for name, deployment in deployments.items():
+        env = deployment["job_variables"].get("env", {})
+        named = set(env.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(","))
+        assert logging_packages <= named, (name, sorted(logging_packages - named))
+
+
 ONE_AT_A_TIME = {"nightly", "hourly", "platform-batch"}
 STREAMING = {
     "stream-transcribe": "flows/streaming.py:stream_transcribe",
