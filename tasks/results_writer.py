@@ -3,9 +3,11 @@
 A run has one `ResultsWriter`. Every file hands it its ledger row and data rows the moment it
 ends (`put`), and `put` returns once those rows are on the output. The writer flushes what it
 holds when it has `max_files` files or its oldest file has waited `max_delay_s` (whichever comes
-first; the run passes the model's concurrent limit C and 2 s), one flush at a time, in a thread:
-data tables first, the `files` ledger last, so a ledger row never points at rows that are not
-there. A flush's fragment name is a hash of the config and its file ids, so writing it again
+first; the run passes the model's concurrent limit C and 2 s) or, once the run has listed its
+last file, as soon as every file holding room (below) has handed its rows over: the last
+rows of a run wait for no timer (up to 2 s of every run's end before). One flush at a time,
+in a thread: data tables first, the `files` ledger last, so a ledger row never points at rows
+that are not there. A flush's fragment name is a hash of the config and its file ids, so writing it again
 overwrites it.
 
 A file takes `room()` before its call and keeps it until its rows are durable, and at most
@@ -107,7 +109,9 @@ class ResultsWriter:
         # Files between their room() and their rows written; files that made no call
         # (skipped, deferred before it) never take room: a crash costs nothing for them.
         self._holding: set[str] = set()
+        self._handed: set[str] = set()  # of those, the files whose rows are pending
         self._freed = asyncio.Event()
+        self._listing_ended = False
         self._pending: list[tuple[dict[str, Any], Rows, asyncio.Future[None]]] = []
         self._oldest = 0.0
         self._wake = asyncio.Event()
@@ -149,7 +153,15 @@ class ResultsWriter:
         """Give up a file's room if it still holds it (it stopped before its rows were put)."""
         if file_id in self._holding:
             self._holding.discard(file_id)
+            self._handed.discard(file_id)
             self._freed.set()
+            self._wake.set()  # it may have been the last file the flush waited for
+
+    def listing_ended(self) -> None:
+        """The run has listed its last file: once every file holding room has handed its
+        rows over, nothing more is coming, so flush then instead of after `max_delay_s`."""
+        self._listing_ended = True
+        self._wake.set()
 
     async def put(self, ledger_row: dict[str, Any], rows: Rows) -> None:
         """Hand over one finished file; returns once its rows are written.
@@ -163,6 +175,8 @@ class ResultsWriter:
         if not self._pending:
             self._oldest = time.monotonic()
         self._pending.append((ledger_row, rows, done))
+        if ledger_row["file_id"] in self._holding:
+            self._handed.add(ledger_row["file_id"])
         self._wake.set()
         # Shielded: a cancelled waiter leaves its rows to be written all the same.
         await asyncio.shield(done)
@@ -172,7 +186,9 @@ class ResultsWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                if len(self._pending) < self.max_files and not self._closing:
+                if len(self._pending) < self.max_files and not self._closing and not (
+                    self._listing_ended and self._handed == self._holding
+                ):
                     delay = self._oldest + self.max_delay_s - time.monotonic()
                     if delay > 0:
                         # Not wait_for, which can swallow a cancel (see tasks/slots.py).
@@ -205,6 +221,7 @@ class ResultsWriter:
             except OutputUnwritable as exc:
                 self.failure = exc
         self._holding.difference_update(row["file_id"] for row in ledger)
+        self._handed.difference_update(row["file_id"] for row in ledger)
         self._freed.set()  # also when the write failed: the waiters raise its error
         for _, _, done in batch:
             if done.done():

@@ -297,6 +297,8 @@ async def _fan_out(
         if chunk:
             await in_flight.acquire()
             group.create_task(run_chunk(chunk))
+        if ctx.writer is not None:
+            ctx.writer.listing_ended()
     await aupdate_progress_artifact(progress_id, 100.0)
 
 

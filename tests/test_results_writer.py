@@ -78,3 +78,27 @@ async def test_no_more_than_3c_files_are_paid_for_and_not_durable(tmp_path: Path
             await asyncio.gather(*files)
     written = pd.read_parquet(table_dir(str(tmp_path / "out"), "files"))
     assert sorted(written.source_uri) == sorted(f"s3://in/{i}.wav" for i in range(FILES))
+
+
+async def test_once_the_listing_ends_the_last_rows_are_written_without_waiting(
+    tmp_path: Path,
+) -> None:
+    """Fewer than max_files wait for max_delay_s (fewer, larger fragments) while more files
+    may come; once the run has listed its last file and every file holding room has handed
+    its rows over, nothing else is coming: the writer flushes at once."""
+    location = OutputLocation(root=str(tmp_path / "out"))
+    async with ResultsWriter(location, "c", max_files=C, max_delay_s=WAIT_S) as writer:
+        await writer.room("f000")
+        await writer.room("f001")
+        first = asyncio.create_task(writer.put(ledger_row(0), {}))
+        await settle()
+        assert writer.flushes == 0  # f001's call may still end within max_delay_s
+        writer.listing_ended()
+        await settle()
+        assert writer.flushes == 0, "flushed while a file holding room had not handed over"
+        second = asyncio.create_task(writer.put(ledger_row(1), {}))
+        async with asyncio.timeout(WAIT_S / 3):  # well before max_delay_s
+            await asyncio.gather(first, second)
+        assert writer.flushes == 1
+    written = pd.read_parquet(table_dir(str(tmp_path / "out"), "files"))
+    assert sorted(written.source_uri) == ["s3://in/0.wav", "s3://in/1.wav"]
