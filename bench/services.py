@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,8 @@ from modulate_flows.local import LocalServices
 from modulate_flows.samples import speech_wav
 
 __all__ = [
-    "BenchServices", "InFlight", "bench_files", "sample_in_flight", "start_services", "upload",
+    "BenchServices", "InFlight", "bench_files", "polling", "sample_in_flight", "start_services",
+    "upload",
 ]
 
 HOST = "127.0.0.1"
@@ -112,6 +113,26 @@ class InFlight:
 
 
 @contextlib.contextmanager
+def polling(name: str, sample: Callable[[httpx.Client], None]) -> Iterator[None]:
+    """Call `sample` every 50 ms in a thread of its own meanwhile, with one HTTP client."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                sample(client)
+                stop.wait(SAMPLE_S)
+
+    sampler = threading.Thread(target=poll, name=name, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join(timeout=30)
+
+
+@contextlib.contextmanager
 def sample_in_flight(
     emulator_url: str, orgs: list[str], model: str = "stt"
 ) -> Iterator[InFlight]:
@@ -121,25 +142,16 @@ def sample_in_flight(
     simultaneous; between samples a brief peak can go unseen (the emulator's own
     `max_in_flight` per org catches those).
     """
-    stop = threading.Event()
     started = time.monotonic()
     seen = InFlight()
 
-    def poll() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not stop.is_set():
-                orgs_stats = client.get(f"{emulator_url}/_emulator/stats").json()["orgs"]
-                counts = {org: orgs_stats[org][model]["in_flight"] for org in orgs}
-                seen.samples.append((time.monotonic() - started, counts))
-                stop.wait(SAMPLE_S)
+    def sample(client: httpx.Client) -> None:
+        orgs_stats = client.get(f"{emulator_url}/_emulator/stats").json()["orgs"]
+        counts = {org: orgs_stats[org][model]["in_flight"] for org in orgs}
+        seen.samples.append((time.monotonic() - started, counts))
 
-    sampler = threading.Thread(target=poll, name="bench-in-flight", daemon=True)
-    sampler.start()
-    try:
+    with polling("bench-in-flight", sample):
         yield seen
-    finally:
-        stop.set()
-        sampler.join(timeout=30)
 
 
 def bench_files(n: int, prefix: str = "bench/") -> Iterator[tuple[str, bytes]]:

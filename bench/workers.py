@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ from rich.table import Table
 from bench import postgres
 from bench.fleet import MODEL, Fleet, running_fleet
 from bench.services import (
-    SAMPLE_S,
     BenchServices,
     bench_files,
+    polling,
     sample_in_flight,
     start_services,
     upload,
@@ -149,31 +148,22 @@ def _sample_over_leased(api_url: str, limit: str, emulator_url: str) -> Iterator
     one of the two limit reads either side, unless its whole lease began and ended between
     them; comparing with the larger read leaves only that case, which 50 ms makes rare.
     """
-    stop = threading.Event()
     seen = OverLeased()
 
-    def poll() -> None:
-        with httpx.Client(timeout=30) as client:
-            def leased() -> int:
-                found = client.get(f"{api_url}/v2/concurrency_limits/{limit}")
-                found.raise_for_status()
-                return int(found.json()["active_slots"])
+    def leased(client: httpx.Client) -> int:
+        found = client.get(f"{api_url}/v2/concurrency_limits/{limit}")
+        found.raise_for_status()
+        return int(found.json()["active_slots"])
 
-            while not stop.is_set():
-                before = leased()
-                stats = client.get(f"{emulator_url}/_emulator/stats").json()
-                in_flight = stats["orgs"][ORGANIZATION][MODEL]["in_flight"]
-                seen.samples += 1
-                seen.over += in_flight > max(before, leased())
-                stop.wait(SAMPLE_S)
+    def sample(client: httpx.Client) -> None:
+        before = leased(client)
+        stats = client.get(f"{emulator_url}/_emulator/stats").json()
+        in_flight = stats["orgs"][ORGANIZATION][MODEL]["in_flight"]
+        seen.samples += 1
+        seen.over += in_flight > max(before, leased(client))
 
-    sampler = threading.Thread(target=poll, name="bench-over-leased", daemon=True)
-    sampler.start()
-    try:
+    with polling("bench-over-leased", sample):
         yield seen
-    finally:
-        stop.set()
-        sampler.join(timeout=30)
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
