@@ -7,8 +7,8 @@ first; the run passes the model's concurrent limit C and 2 s) or, once the run h
 last file, as soon as every file holding room (below) has handed its rows over: the last
 rows of a run wait for no timer (up to 2 s of every run's end before). One flush at a time,
 in a thread: data tables first, the `files` ledger last, so a ledger row never points at rows
-that are not there. A flush's fragment name is a hash of the config and its file ids, so writing it again
-overwrites it.
+that are not there. A flush's fragment name is a hash of the config and its file ids, so
+writing it again overwrites it.
 
 A file takes `room()` before its call and keeps it until its rows are durable, and at most
 three times `max_files` files hold room at once: the C calls in flight, the files waiting
