@@ -30,6 +30,7 @@ FINISHED = frozenset({"completed", "skipped"})  # statuses a rerun does not send
 
 LEDGER_COLUMNS = ("file_id", "status", "finished_at", "flow_run_id")
 _STATUSES = tuple(sorted(FILE_STATUSES))
+_READ_ATTEMPTS = 5  # listings of a partition that another run keeps compacting
 _HEX_ID = re.compile(f"[0-9a-f]{{{FILE_ID_HEX_CHARS}}}")
 _HEX_ID_PATTERN = f"^[0-9a-f]{{{FILE_ID_HEX_CHARS}}}$"
 # ASCII byte -> its hex digit (only 0-9a-f occur: the ids are checked first).
@@ -147,7 +148,19 @@ def read_ledger(location: OutputLocation, model: str, config_hash: str) -> dict[
 
 
 def _read_partition(fs: pafs.FileSystem, directory: str, config_hash: str) -> _PartitionStatuses:
-    paths = [info.path for info in data_files(fs, directory)]
+    for _ in range(_READ_ATTEMPTS - 1):
+        paths = [info.path for info in data_files(fs, directory)]
+        try:
+            return _read_files(fs, paths, config_hash)
+        except OSError:
+            # Another run's compaction deleted fragments this read had listed, after writing
+            # the segment that holds their rows: list again. Anything else is a real error.
+            if set(paths) <= {info.path for info in data_files(fs, directory)}:
+                raise
+    return _read_files(fs, [info.path for info in data_files(fs, directory)], config_hash)
+
+
+def _read_files(fs: pafs.FileSystem, paths: list[str], config_hash: str) -> _PartitionStatuses:
     empty = pa.array([], pa.string())
     if not paths:
         return _PartitionStatuses(empty, empty)

@@ -364,3 +364,48 @@ def test_our_processes_allocate_arrow_memory_from_the_system_allocator(
         env=env, capture_output=True, text=True, check=True, timeout=120,
     )
     assert out.stdout.strip() == expected
+
+
+_WRITE_AND_COMPACT = textwrap.dedent("""
+    import datetime as dt, sys
+    from store import OutputLocation, compact, write_fragment
+    root, rounds = sys.argv[1], int(sys.argv[2])
+    location = OutputLocation(root=root)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for k in range(rounds):
+        for i in range(5):
+            rows = [{{"file_id": f"w{{k}}-{{i}}", "config_hash": "cfg1", "model": "{model}",
+                     "date": "{date}", "status": "completed", "flow_run_id": "w",
+                     "started_at": when, "finished_at": when}}]
+            write_fragment(location, "files", rows, fragment_id=f"w{{k}}-{{i}}")
+        compact(location, "files", "{model}", ["{date}"])
+""")
+
+
+def test_a_ledger_read_during_another_processs_compaction_sees_every_file(
+    tmp_path: Path,
+) -> None:
+    """A compaction deletes the fragments it folded; a reader that listed them just before
+    must list again, not fail the run (seen in CI: two runs on one output, one compacting
+    while the other's listing read the ledger)."""
+    location = OutputLocation(root=str(tmp_path / "out"))
+    rounds = 40
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITE_AND_COMPACT.format(model=MODEL, date=DATE),
+         location.root, str(rounds)], cwd=REPO,
+    )
+    reads = 0
+    try:
+        while writer.poll() is None:
+            lookup = LedgerLookup(location, MODEL, CFG)
+            lookup.load(DATE)  # raised FileNotFoundError when a listed fragment was gone
+            reads += 1
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert writer.wait(timeout=PROCESS_TIMEOUT_SECONDS) == 0
+    final = LedgerLookup(location, MODEL, CFG)
+    assert {f"w{k}-{i}" for k in range(rounds) for i in range(5)} == {
+        file_id for file_id, _ in final.statuses(DATE)
+    }
+    assert reads > 0
