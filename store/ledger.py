@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from store.location import OutputLocation, data_files, partition_dir, table_dir
+from store.location import OutputLocation, partition_dir, read_data_files, table_dir
 from store.tables import FILE_ID_HEX_CHARS, FILE_STATUSES, LEDGER_TABLE, file_schema
 from store.winners import files_winners
 
@@ -30,7 +30,6 @@ FINISHED = frozenset({"completed", "skipped"})  # statuses a rerun does not send
 
 LEDGER_COLUMNS = ("file_id", "status", "finished_at", "flow_run_id")
 _STATUSES = tuple(sorted(FILE_STATUSES))
-_READ_ATTEMPTS = 5  # listings of a partition that another run keeps compacting
 _HEX_ID = re.compile(f"[0-9a-f]{{{FILE_ID_HEX_CHARS}}}")
 _HEX_ID_PATTERN = f"^[0-9a-f]{{{FILE_ID_HEX_CHARS}}}$"
 # ASCII byte -> its hex digit (only 0-9a-f occur: the ids are checked first).
@@ -148,16 +147,7 @@ def read_ledger(location: OutputLocation, model: str, config_hash: str) -> dict[
 
 
 def _read_partition(fs: pafs.FileSystem, directory: str, config_hash: str) -> _PartitionStatuses:
-    for _ in range(_READ_ATTEMPTS - 1):
-        paths = [info.path for info in data_files(fs, directory)]
-        try:
-            return _read_files(fs, paths, config_hash)
-        except OSError:
-            # Another run's compaction deleted fragments this read had listed, after writing
-            # the segment that holds their rows: list again. Anything else is a real error.
-            if set(paths) <= {info.path for info in data_files(fs, directory)}:
-                raise
-    return _read_files(fs, [info.path for info in data_files(fs, directory)], config_hash)
+    return read_data_files(fs, [directory], lambda paths: _read_files(fs, paths, config_hash))
 
 
 def _read_files(fs: pafs.FileSystem, paths: list[str], config_hash: str) -> _PartitionStatuses:

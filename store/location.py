@@ -7,8 +7,9 @@ Also the layout under the root every other module of ``store`` shares: one Hive 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -18,9 +19,19 @@ from pydantic import SecretStr
 
 from store.tables import PARTITION_COLUMNS, check_partition
 
-__all__ = ["PARTITIONING", "OutputLocation", "data_files", "partition_dir", "table_dir"]
+__all__ = [
+    "PARTITIONING",
+    "OutputLocation",
+    "data_files",
+    "partition_dir",
+    "read_data_files",
+    "table_dir",
+]
 
 DEFAULT_REGION = "us-east-1"
+_LISTINGS = 5  # of directories that another run keeps compacting, before a read gives up
+
+_T = TypeVar("_T")
 
 # Partition columns are kept out of the files (they live in the path) because pandas refuses
 # a dataset that has them in both. What each reader makes of them, checked in
@@ -127,6 +138,29 @@ def data_files(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
         and info.base_name.endswith(".parquet")
         and not info.base_name.startswith(("_", "."))
     ]
+
+
+def read_data_files(
+    fs: pafs.FileSystem, directories: Sequence[str], read: Callable[[list[str]], _T]
+) -> _T:
+    """``read(paths)`` of the data files of ``directories``, listing them again when another
+    run's compaction deleted files this read had listed.
+
+    A compaction writes the segment holding the rows before it deletes their fragments, so
+    a fresh listing sees every row. Any other I/O error is raised.
+    """
+    for _ in range(_LISTINGS - 1):
+        paths = _data_paths(fs, directories)
+        try:
+            return read(paths)
+        except OSError:
+            if set(paths) <= set(_data_paths(fs, directories)):
+                raise
+    return read(_data_paths(fs, directories))
+
+
+def _data_paths(fs: pafs.FileSystem, directories: Sequence[str]) -> list[str]:
+    return [info.path for directory in directories for info in data_files(fs, directory)]
 
 
 def _reveal(secret: SecretStr | str) -> str:

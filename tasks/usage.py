@@ -18,16 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from store.location import OutputLocation
-from store.tables import PARTITION_COLUMNS, TABLES
+from store.location import PARTITIONING, OutputLocation, read_data_files
+from store.tables import TABLES
 
 __all__ = ["USAGE_TABLE", "read_daily_usage", "usage_models", "usage_row"]
 
 USAGE_TABLE = "usage"
 _MODEL_PREFIX = "model="
-_PARTITIONING = ds.partitioning(
-    pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive"
-)
 
 
 def usage_row(ledger: Mapping[str, Any], billed_model: str) -> dict[str, Any]:
@@ -53,8 +50,9 @@ def usage_row(ledger: Mapping[str, Any], billed_model: str) -> dict[str, Any]:
 def read_daily_usage(location: OutputLocation, model: str, days: Iterable[date]) -> dict[date, int]:
     """Audio milliseconds used per finish day, for the given days only.
 
-    Only the `date=` partitions of those days are listed and read. A call counted twice
-    (uncompacted fragments after a crash) counts once: the last row per file and config wins.
+    Only the `date=` partitions of those days are listed and read (listed again when another
+    run's compaction deleted files listed). A call counted twice (uncompacted fragments
+    after a crash) counts once: the last row per file and config wins.
 
     Args:
         location: The dataset root.
@@ -67,20 +65,9 @@ def read_daily_usage(location: OutputLocation, model: str, days: Iterable[date])
     fs, base = location.filesystem()
     root = f"{base}/{USAGE_TABLE}"
     directories = [f"{root}/model={model}/date={day.isoformat()}" for day in sorted(set(days))]
-    paths = [
-        info.path
-        for directory in directories
-        for info in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
-        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
-        and not info.base_name.startswith(("_", "."))
-    ]
-    if not paths:
+    table = read_data_files(fs, directories, lambda paths: _read_usage(fs, root, paths))
+    if table is None:
         return {}
-    dataset = ds.dataset(
-        paths, schema=TABLES[USAGE_TABLE][0], format="parquet", filesystem=fs,
-        partition_base_dir=root, partitioning=_PARTITIONING,
-    )
-    table = dataset.to_table(columns=["file_id", "config_hash", "date", "audio_duration_ms"])
     # One charge per file, config and day; a re-send on another day was charged again.
     calls = table.group_by(["file_id", "config_hash", "date"], use_threads=False).aggregate(
         [("audio_duration_ms", "max")]
@@ -94,6 +81,16 @@ def read_daily_usage(location: OutputLocation, model: str, days: Iterable[date])
             per_day.column("day").to_pylist(), per_day.column("ms_sum").to_pylist(), strict=True
         )
     }
+
+
+def _read_usage(fs: pafs.FileSystem, root: str, paths: list[str]) -> pa.Table | None:
+    if not paths:
+        return None
+    dataset = ds.dataset(
+        paths, schema=TABLES[USAGE_TABLE][0], format="parquet", filesystem=fs,
+        partition_base_dir=root, partitioning=PARTITIONING,
+    )
+    return dataset.to_table(columns=["file_id", "config_hash", "date", "audio_duration_ms"])
 
 
 def usage_models(location: OutputLocation) -> list[str]:

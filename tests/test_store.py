@@ -25,6 +25,7 @@ from moto.server import ThreadedMotoServer
 from store import LedgerLookup, OutputLocation, compact, read_ledger, read_table, write_fragment
 from store.compaction import MAX_SEGMENTS, SEGMENT_PREFIX
 from store.tables import file_id_for
+from tasks.usage import read_daily_usage
 
 MODEL = "velma-2-stt-batch"
 DATE = "2025-03-01"
@@ -369,43 +370,56 @@ def test_our_processes_allocate_arrow_memory_from_the_system_allocator(
 _WRITE_AND_COMPACT = textwrap.dedent("""
     import datetime as dt, sys
     from store import OutputLocation, compact, write_fragment
-    root, rounds = sys.argv[1], int(sys.argv[2])
+    root, table, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     location = OutputLocation(root=root)
     when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     for k in range(rounds):
         for i in range(5):
-            rows = [{{"file_id": f"w{{k}}-{{i}}", "config_hash": "cfg1", "model": "{model}",
-                     "date": "{date}", "status": "completed", "flow_run_id": "w",
-                     "started_at": when, "finished_at": when}}]
-            write_fragment(location, "files", rows, fragment_id=f"w{{k}}-{{i}}")
-        compact(location, "files", "{model}", ["{date}"])
+            row = {{"file_id": f"w{{k}}-{{i}}", "config_hash": "cfg1", "model": "{model}",
+                   "date": "{date}", "flow_run_id": "w", "finished_at": when}}
+            if table == "files":
+                row |= {{"status": "completed", "started_at": when}}
+            else:
+                row |= {{"audio_duration_ms": 1000}}
+            rows = [row]
+            write_fragment(location, table, rows, fragment_id=f"w{{k}}-{{i}}")
+        compact(location, table, "{model}", ["{date}"])
 """)
+_COMPACTED_ROUNDS = 40
 
 
-def test_a_ledger_read_during_another_processs_compaction_sees_every_file(
-    tmp_path: Path,
+def _ledger_files(location: OutputLocation) -> int:
+    return len(LedgerLookup(location, MODEL, CFG).statuses(DATE))
+
+
+def _usage_seconds(location: OutputLocation) -> int:
+    return sum(read_daily_usage(location, MODEL, [dt.date.fromisoformat(DATE)]).values()) // 1000
+
+
+@pytest.mark.parametrize(
+    ("table", "read"),
+    [("files", _ledger_files), ("usage", _usage_seconds)],
+    ids=["ledger", "usage"],
+)
+def test_a_read_during_another_processs_compaction_sees_every_file(
+    tmp_path: Path, table: str, read: Any
 ) -> None:
     """A compaction deletes the fragments it folded; a reader that listed them just before
-    must list again, not fail the run (seen in CI: two runs on one output, one compacting
-    while the other's listing read the ledger)."""
+    must list again, not fail the run. Seen in CI: two runs on one output, one compacting
+    while the other's listing read the ledger. A run's budget reads `usage` the same way."""
     location = OutputLocation(root=str(tmp_path / "out"))
-    rounds = 40
     writer = subprocess.Popen(
         [sys.executable, "-c", _WRITE_AND_COMPACT.format(model=MODEL, date=DATE),
-         location.root, str(rounds)], cwd=REPO,
+         location.root, table, str(_COMPACTED_ROUNDS)], cwd=REPO,
     )
     reads = 0
     try:
         while writer.poll() is None:
-            lookup = LedgerLookup(location, MODEL, CFG)
-            lookup.load(DATE)  # raised FileNotFoundError when a listed fragment was gone
+            read(location)  # raised FileNotFoundError when a listed fragment was gone
             reads += 1
     finally:
         if writer.poll() is None:
             writer.kill()
     assert writer.wait(timeout=PROCESS_TIMEOUT_SECONDS) == 0
-    final = LedgerLookup(location, MODEL, CFG)
-    assert {f"w{k}-{i}" for k in range(rounds) for i in range(5)} == {
-        file_id for file_id, _ in final.statuses(DATE)
-    }
+    assert read(location) == 5 * _COMPACTED_ROUNDS
     assert reads > 0
