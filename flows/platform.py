@@ -29,7 +29,7 @@ from store.job_records import JobFileRecord, JobRecord, failed_submissions, load
 from store.tables import config_hash_for
 from tasks.batch import RunStopped
 from tasks.platform import MODEL, PlatformRun, PollSettings, WireMismatch, poll_job, submit_job
-from tasks.s3 import AudioObject, S3Input, iter_audio
+from tasks.s3 import AudioObject, S3Input, S3Listing
 from tasks.slots import SlotPool
 
 __all__ = ["PlatformJobOptions", "PlatformSettings", "PlatformSummary", "platform_jobs"]
@@ -152,7 +152,7 @@ async def platform_jobs(
                 for record in reopen:
                     logger.info("re-attaching to job %s", record.job_id)
                     group.create_task(_drive(run, record, options.poll, posting))
-                listed = iter_audio(s3_client, bucket.bucket_name, source, skip=finished)
+                listed = S3Listing(s3_client, bucket.bucket_name, source, skip=finished)
                 groups = _groups(run, listed, resubmits, options.files_per_job)
                 async for files in groups:
                     submitted += 1

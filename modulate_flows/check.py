@@ -202,7 +202,7 @@ async def _limits_rows(limits: Any, block_name: str) -> list[Check]:
 async def _bucket_row(bucket: Any, targets: CheckTargets) -> Check:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from tasks.s3 import S3Input, iter_audio
+    from tasks.s3 import S3Input, S3Listing
 
     where = f"s3://{bucket.bucket_name}/{targets.prefix}"
     selection = S3Input(
@@ -214,7 +214,7 @@ async def _bucket_row(bucket: Any, targets: CheckTargets) -> Check:
     matched = 0
     try:
         s3_client = await asyncio.to_thread(bucket.credentials.get_s3_client)
-        async for _ in iter_audio(s3_client, bucket.bucket_name, selection):
+        async for _ in S3Listing(s3_client, bucket.bucket_name, selection):
             matched += 1
     except (BotoCoreError, ClientError) as exc:
         return Check(

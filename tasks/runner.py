@@ -53,7 +53,7 @@ from tasks.claims import DEFAULT_LEASE_S, Claims
 from tasks.jobs import BatchJob, config_hash
 from tasks.ordering import DEFAULT_FILE_ORDER, LOOKAHEAD_OBJECTS, FileOrder, order_files
 from tasks.results_writer import OutputUnwritable, ResultsWriter, WritePolicy
-from tasks.s3 import AudioObject, S3Input, iter_audio
+from tasks.s3 import AudioObject, S3Input, S3Listing
 from tasks.slots import SlotPool, SlotsLost
 from tasks.streaming import route_large_files
 
@@ -152,6 +152,11 @@ async def run_batch(
     done = LedgerLookup(location, job.model, job_hash)  # reads a date's partition when listed
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
 
+    async def finished(obj: AudioObject) -> bool:
+        return await done.finished(obj.file_id, obj.date)
+
+    listing = S3Listing(s3_client, bucket.bucket_name, source, skip=finished)
+    listing.prefetch()  # the first page (0.6 s from moto) comes while the rest is set up
     run_policy = policy or DEFAULT_POLICY
     async with (
         SlotPool(limits.limit_name(job.model), fallback_limit=model_limit.concurrent) as pool,
@@ -182,14 +187,12 @@ async def run_batch(
             claims=claims,
         )
 
-        async def finished(obj: AudioObject) -> bool:
-            return await done.finished(obj.file_id, obj.date)
-
-        todo = iter_audio(s3_client, bucket.bucket_name, source, skip=finished)
         budget = ctx.budget = await open_budget(
             limits, job.model, location, now=settings.budget_as_of
         )
-        todo = order_files(todo, settings.file_order, settings.order_window)
+        todo = order_files(
+            listing, settings.file_order, settings.order_window, ready=listing.ready
+        )
         stopped: BaseException | None = None
         s3_error: BaseException | None = None
         unwritable: BaseException | None = None

@@ -1,7 +1,7 @@
 """Find audio in S3 and move bytes in and out, without blocking the event loop.
 
-Listing is lazy: one page of at most 1,000 keys is in memory at a time, so a prefix
-of 100,000 objects streams through. Large objects are read by ranges and written by
+Listing is lazy: a page of at most 1,000 keys is in memory, and the next one on its way,
+so a prefix of 100,000 objects streams through. Large objects are read by ranges and written by
 multipart upload, so neither sits in memory whole. boto3 is blocking, so every call
 runs in a thread.
 """
@@ -25,7 +25,7 @@ __all__ = [
     "AudioObject",
     "MultipartUpload",
     "S3Input",
-    "iter_audio",
+    "S3Listing",
     "iter_object",
     "read_head",
     "read_object",
@@ -99,13 +99,12 @@ class AudioObject:
         return self.last_modified.date().isoformat()
 
 
-async def iter_audio(
-    s3_client: Any,
-    bucket: str,
-    selection: S3Input,
-    skip: Callable[[AudioObject], Awaitable[bool]] | None = None,
-) -> AsyncIterator[AudioObject]:
-    """Yield the objects under the selection's prefix that match its pattern, page by page.
+class S3Listing:
+    """The selected objects under a prefix, as an async iterator, one page fetched ahead.
+
+    The next page's request goes out as soon as a page arrives, so a consumer slower than S3
+    never waits for a page, and `ready()` tells one that can do without the next object
+    (`tasks/ordering.py`) whether it would have to wait. At most two pages are in memory.
 
     Args:
         s3_client: A boto3 S3 client (endpoint override for moto or MinIO allowed).
@@ -114,27 +113,78 @@ async def iter_audio(
         skip: Objects to pass over (the ledger's finished ones) before `max_files` counts,
             so a rerun with max_files=100 takes the next 100, not the same finished ones.
     """
-    yielded = 0
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": selection.prefix, "MaxKeys": PAGE_SIZE}
-    while True:
-        page = await asyncio.to_thread(s3_client.list_objects_v2, **kwargs)
-        for item in page.get("Contents", []):
-            obj = AudioObject(
-                bucket=bucket,
-                key=item["Key"],
-                size=item["Size"],
-                etag=item["ETag"].strip('"'),
-                last_modified=item["LastModified"],
-            )
-            if not _selected(obj, selection) or (skip is not None and await skip(obj)):
-                continue
-            yield obj
-            yielded += 1
-            if selection.max_files is not None and yielded >= selection.max_files:
-                return
-        if not page.get("IsTruncated"):
-            return
-        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def __init__(
+        self,
+        s3_client: Any,
+        bucket: str,
+        selection: S3Input,
+        skip: Callable[[AudioObject], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._s3_client = s3_client
+        self._bucket = bucket
+        self._selection = selection
+        self._skip = skip
+        self._page: asyncio.Future[dict[str, Any]] | None = None  # the request out
+        self._in_hand = 0  # keys of the current page not yet looked at
+
+    def prefetch(self) -> None:
+        """Send the first page's request now (a run lists while it sets up the rest)."""
+        if self._page is None:
+            self._page = self._request({})
+
+    def ready(self) -> bool:
+        """Whether the next object (or the listing's end) comes without waiting for S3."""
+        return self._in_hand > 0 or self._page is None or self._page.done()
+
+    def __aiter__(self) -> AsyncIterator[AudioObject]:
+        return self._objects()
+
+    async def _objects(self) -> AsyncIterator[AudioObject]:
+        self.prefetch()
+        yielded = 0
+        try:
+            while self._page is not None:
+                page = await self._page
+                truncated = page.get("IsTruncated")
+                token = {"ContinuationToken": page["NextContinuationToken"]} if truncated else {}
+                self._page = self._request(token) if truncated else None
+                contents = page.get("Contents", [])
+                self._in_hand = len(contents)
+                for item in contents:
+                    self._in_hand -= 1
+                    obj = AudioObject(
+                        bucket=self._bucket,
+                        key=item["Key"],
+                        size=item["Size"],
+                        etag=item["ETag"].strip('"'),
+                        last_modified=item["LastModified"],
+                    )
+                    if not _selected(obj, self._selection) or (
+                        self._skip is not None and await self._skip(obj)
+                    ):
+                        continue
+                    yield obj
+                    yielded += 1
+                    if self._selection.max_files is not None and (
+                        yielded >= self._selection.max_files
+                    ):
+                        return
+        finally:
+            self._in_hand = 0
+            if self._page is not None:
+                self._page.cancel()  # the thread's call ends on its own; its page is dropped
+                self._page = None
+
+    def _request(self, token: dict[str, str]) -> asyncio.Future[dict[str, Any]]:
+        page = asyncio.ensure_future(asyncio.to_thread(
+            self._s3_client.list_objects_v2,
+            Bucket=self._bucket, Prefix=self._selection.prefix, MaxKeys=PAGE_SIZE, **token,
+        ))
+        # Retrieved here too, so that a page nobody awaits (the run stopped before its
+        # listing) does not log "exception was never retrieved"; the consumer still gets it.
+        page.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return page
 
 
 def _selected(obj: AudioObject, selection: S3Input) -> bool:

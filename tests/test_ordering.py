@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -72,3 +73,42 @@ async def test_window_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="window must be at least 1"):
         async for _ in largest_first(Listing([]).__aiter__(), 0):
             pass
+
+
+class PagedListing(Listing):
+    """Two pages; the second comes only when `second_page` is set (S3 still answering)."""
+
+    def __init__(self, first: list[AudioObject], second: list[AudioObject]) -> None:
+        super().__init__(first + second)
+        self.page_size = len(first)
+        self.second_page = asyncio.Event()
+
+    def ready(self) -> bool:
+        return self.listed < self.page_size or self.second_page.is_set()
+
+    async def __aiter__(self) -> AsyncIterator[AudioObject]:
+        for position, item in enumerate(self.items):
+            if position == self.page_size:
+                await self.second_page.wait()
+            self.listed += 1
+            yield item
+
+
+async def test_while_the_next_page_is_on_its_way_the_largest_listed_go_first() -> None:
+    """With a window one page long, the second file waited for the second page: so did the
+    first chunk's calls, at every run's start."""
+    rng = random.Random(5)
+    first = objects([rng.randrange(1, 10**6) for _ in range(100)])
+    listing = PagedListing(first, objects([10**7] * 10))
+    sent: list[AudioObject] = []
+    async with asyncio.timeout(60):  # the old rule waits for the second page: forever here
+        async for obj in largest_first(listing.__aiter__(), len(first), listing.ready):
+            sent.append(obj)
+            if len(sent) == 30:
+                break
+    assert [o.size for o in sent] == sorted((o.size for o in first), reverse=True)[:30]
+    assert listing.listed == len(first)
+
+    listing.second_page.set()  # once it has come, its objects join the window as before
+    rest = [o async for o in largest_first(listing.__aiter__(), len(first), listing.ready)]
+    assert len(rest) == len(listing.items)

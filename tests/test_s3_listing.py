@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from modulate_flows.local import LocalServices
-from tasks.s3 import S3Input, iter_audio
+from tasks.s3 import S3Input, S3Listing
 
 
 async def _keys(services: LocalServices, bucket: str, selection: S3Input) -> list[str]:
     client = services.s3_client()
-    return [obj.key async for obj in iter_audio(client, bucket, selection)]
+    return [obj.key async for obj in S3Listing(client, bucket, selection)]
 
 
 async def test_listing_pages_and_filters(services: LocalServices) -> None:
