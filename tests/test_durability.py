@@ -20,6 +20,8 @@ from test_batch_flows import fast_retries, good_files, ledger, settings, source 
 from test_reliability import ROOT, WAIT_S, assert_one_row_per_file, child_env
 
 from flows import transcribe
+from store import OutputLocation
+from tasks.claims import Claims
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 
@@ -95,6 +97,8 @@ async def test_max_files_counts_after_the_ledger_skip(org_env) -> None:
 OVERLAP_CHILD = """
 import asyncio, json, pathlib, sys, time
 from flows import transcribe
+from store import OutputLocation
+from tasks.claims import Claims
 from tasks.runner import RunSettings
 from tasks.s3 import S3Input
 args = json.loads(sys.argv[1])
@@ -159,3 +163,28 @@ async def test_two_processes_over_one_prefix_send_each_file_once(
     assert assert_one_row_per_file(org_env.output) == files
     assert set(ledger(org_env).status) == {"completed"}
     assert not list((org_env.output / "_state" / "claims").rglob("*.json"))  # tidied
+
+
+async def test_a_run_on_s3_removes_its_claims_a_thousand_per_request(services) -> None:
+    """The end of a run removes its claims; on S3 one DELETE per claim took 10,000 requests
+    after a run of 10,000 files. A batch delete takes at most 1,000 keys."""
+    bucket = "claims-sweep"
+    client = services.s3_client()
+    client.create_bucket(Bucket=bucket)
+    location = OutputLocation(
+        root=f"s3://{bucket}/out", s3_endpoint_url=services.s3_endpoint,
+        aws_access_key_id="testing", aws_secret_access_key="testing", region="us-east-1",
+    )
+    file_ids = [f"f{i:04d}" for i in range(1001)]
+    sent: list[str] = []
+    async with Claims(location, "velma-2-stt-batch", "cfg", "run-1") as claims:
+        acquired = await asyncio.to_thread(claims.acquire, file_ids)
+        assert sorted(acquired.mine) == file_ids
+        # botocore's own event at the wire: which S3 operations the sweep sends.
+        claims.store.client.meta.events.register(
+            "before-call.s3", lambda model, **_: sent.append(model.name)
+        )
+    left = client.list_objects_v2(Bucket=bucket, Prefix="out/_state/claims/").get("KeyCount")
+    assert left == 0
+    assert sent.count("DeleteObjects") == 2
+    assert sent.count("DeleteObject") == 1  # the run's heartbeat
