@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from store.fragments import WRITTEN_AT_KEY, written_at
-from store.location import OutputLocation, data_files, partition_dir
+from store.location import OutputLocation, data_files, partition_dir, read_data_files
 from store.locks import partition_lock
 from store.tables import CHILD_TABLES, LEDGER_TABLE, file_schema, group_columns
 from store.winners import child_winners, files_winners, last_of_each
@@ -206,19 +206,29 @@ class _Partition:
         """
         directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
         schema = file_schema(LEDGER_TABLE)
-        keys = [touched]
-        for info in data_files(self.fs, directory):
-            with self.fs.open_input_file(info.path) as handle:
-                reader = pq.ParquetFile(handle)
-                if written_at(reader.schema_arrow, info.mtime_ns or 0) <= since_ns - RECHECK_NS:
-                    continue
-                for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=list(self.group)):
-                    batch = pa.RecordBatch.from_arrays(
-                        [batch[c].cast(schema.field(c).type) for c in self.group],
-                        names=list(self.group),
+
+        def changed_keys(paths: list[str]) -> list[pa.Array]:
+            keys = [touched]
+            for path in paths:
+                with self.fs.open_input_file(path) as handle:
+                    reader = pq.ParquetFile(handle)
+                    # Files from before the stamp existed fall back to their mtime.
+                    stamp = written_at(reader.schema_arrow, 0) or (
+                        self.fs.get_file_info(path).mtime_ns or 0
                     )
-                    keys.append(pc.unique(_group_key(batch, self.group)))
-        return _unique(keys)
+                    if stamp <= since_ns - RECHECK_NS:
+                        continue
+                    columns = list(self.group)
+                    for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                        batch = pa.RecordBatch.from_arrays(
+                            [batch[c].cast(schema.field(c).type) for c in self.group],
+                            names=columns,
+                        )
+                        keys.append(pc.unique(_group_key(batch, self.group)))
+            return keys
+
+        # Another run may be compacting the ledger meanwhile: read_data_files lists again.
+        return _unique(read_data_files(self.fs, [directory], changed_keys))
 
     def _winners(
         self, sources: list[_Source], touched: pa.Array
@@ -310,20 +320,26 @@ class _Partition:
     def _ledger(self, touched: pa.Array) -> pa.Table:
         """The ``files`` winner of every touched key (``_gk`` and the rank columns), from that
         table's partition of this date."""
-        directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
-        paths = [info.path for info in data_files(self.fs, directory)]
-        if not paths or len(touched) == 0:
+        if len(touched) == 0:
             return _NO_LEDGER
+        directory = partition_dir(self.base, LEDGER_TABLE, self.model, self.date)
         file_ids = pc.unique(pc.list_element(pc.split_pattern(touched, _SEP, max_splits=1), 0))
-        dataset = ds.dataset(
-            paths, schema=file_schema(LEDGER_TABLE), format="parquet", filesystem=self.fs
-        )
-        table = dataset.to_table(
-            columns=["file_id", "config_hash", *_ATTEMPT_COLUMNS],
-            filter=pc.field("file_id").isin(file_ids),
-            batch_size=BATCH_ROWS,
-        )
-        if table.num_rows == 0:
+
+        def read(paths: list[str]) -> pa.Table | None:
+            if not paths:
+                return None
+            dataset = ds.dataset(
+                paths, schema=file_schema(LEDGER_TABLE), format="parquet", filesystem=self.fs
+            )
+            return dataset.to_table(
+                columns=["file_id", "config_hash", *_ATTEMPT_COLUMNS],
+                filter=pc.field("file_id").isin(file_ids),
+                batch_size=BATCH_ROWS,
+            )
+
+        # Another run may be compacting the ledger meanwhile: read_data_files lists again.
+        table = read_data_files(self.fs, [directory], read)
+        if table is None or table.num_rows == 0:
             return _NO_LEDGER
         winners = files_winners(table, ("file_id", "config_hash"))
         return winners.append_column("_gk", _group_key(winners, ("file_id", "config_hash")))

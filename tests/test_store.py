@@ -396,10 +396,19 @@ def _usage_seconds(location: OutputLocation) -> int:
     return sum(read_daily_usage(location, MODEL, [dt.date.fromisoformat(DATE)]).values()) // 1000
 
 
+def _compacted_transcripts(location: OutputLocation) -> int:
+    """A child table's compaction reads the ledger partition of its date, twice."""
+    rows = [{"file_id": f"w0-{i}", "config_hash": CFG, "model": MODEL, "date": DATE,
+             "flow_run_id": "w", "text": "", "duration_ms": 1000} for i in range(5)]
+    write_fragment(location, "transcripts", rows, fragment_id=f"t{time.monotonic_ns()}")
+    compact(location, "transcripts", MODEL, [DATE])
+    return _ledger_files(location)
+
+
 @pytest.mark.parametrize(
     ("table", "read"),
-    [("files", _ledger_files), ("usage", _usage_seconds)],
-    ids=["ledger", "usage"],
+    [("files", _ledger_files), ("usage", _usage_seconds), ("files", _compacted_transcripts)],
+    ids=["ledger", "usage", "child-compaction"],
 )
 def test_a_read_during_another_processs_compaction_sees_every_file(
     tmp_path: Path, table: str, read: Any
