@@ -29,26 +29,18 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from store import compact
 from store.fragments import write_fragment
 from store.location import OutputLocation
-from store.tables import LEDGER_TABLE
 
-__all__ = [
-    "DEFAULT_MAX_DELAY_S", "OutputUnwritable", "ResultsWriter", "WritePolicy", "compact_written",
-]
+__all__ = ["DEFAULT_MAX_DELAY_S", "OutputUnwritable", "ResultsWriter", "WritePolicy"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_DELAY_S = 2.0
-# Partitions compacted at once at a run's end: pyarrow reads and writes without the GIL, and
-# each compaction holds a record batch and its round's keys in memory.
-COMPACTIONS_AT_ONCE = 2
 Rows = dict[str, list[dict[str, Any]]]
 
 
@@ -262,30 +254,3 @@ class ResultsWriter:
                         self.policy.attempts, wait,
                     )
                     time.sleep(wait)  # in the writer's thread, not the event loop
-
-
-async def compact_written(
-    location: OutputLocation, model: str, touched: Iterable[tuple[str, str]]
-) -> None:
-    """Compact the `(table, date)` partitions a run wrote, `COMPACTIONS_AT_ONCE` at a time.
-
-    The ledger's partitions go first: a child table's compaction reads the ledger partition
-    of its date, which must not be rewritten under it. One after another, four partitions of
-    2,000 files took 1.5 s of the run's end.
-
-    Raises:
-        OSError: a compaction failed (the others still ran); what was written stays readable.
-    """
-    limit = asyncio.Semaphore(COMPACTIONS_AT_ONCE)
-
-    async def one(table: str, date: str) -> None:
-        async with limit:
-            await asyncio.to_thread(compact, location, table, model, [date])
-
-    ledger = sorted(item for item in touched if item[0] == LEDGER_TABLE)
-    children = sorted(item for item in touched if item[0] != LEDGER_TABLE)
-    for stage in (ledger, children):
-        results = await asyncio.gather(*(one(*item) for item in stage), return_exceptions=True)
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is not None:
-            raise failed

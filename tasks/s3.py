@@ -1,9 +1,9 @@
 """Find audio in S3 and move bytes in and out, without blocking the event loop.
 
 Listing is lazy: a page of at most 1,000 keys is in memory, and the next one on its way,
-so a prefix of 100,000 objects streams through. Large objects are read by ranges and written by
-multipart upload, so neither sits in memory whole. boto3 is blocking, so every call
-runs in a thread.
+so a prefix of 100,000 objects streams through. Large objects are read by ranges and
+written by multipart upload, so neither sits in memory whole. boto3 is blocking, so every
+call runs in a thread.
 """
 
 from __future__ import annotations
