@@ -50,6 +50,7 @@ from tasks.batch import (
 )
 from tasks.budget import BudgetReport, open_budget
 from tasks.claims import DEFAULT_LEASE_S, Claims
+from tasks.heap import frozen_heap
 from tasks.jobs import BatchJob, config_hash
 from tasks.ordering import DEFAULT_FILE_ORDER, LOOKAHEAD_OBJECTS, FileOrder, order_files
 from tasks.results_writer import OutputUnwritable, ResultsWriter, WritePolicy
@@ -197,9 +198,12 @@ async def run_batch(
         s3_error: BaseException | None = None
         unwritable: BaseException | None = None
         try:
+            # Frozen once the run is set up: its clients and blocks are out of the collector's
+            # passes as well (tasks/heap.py).
             async with route_large_files(ctx, credentials.streaming_client(), limits):
-                await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
-                await finish_held(ctx)
+                with frozen_heap():
+                    await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
+                    await finish_held(ctx)
         except* (AuthError, RunStopped, SlotsLost) as group:
             stopped = group.exceptions[0]
         except* (BotoCoreError, ClientError) as group:
