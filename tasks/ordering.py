@@ -30,8 +30,8 @@ __all__ = [
     "DEFAULT_FILE_ORDER", "LOOKAHEAD_OBJECTS", "FileOrder", "largest_first", "order_files",
 ]
 
-# One S3 listing page: the first page arrives whole, so filling the window costs no wait
-# before the first call (nor the next page: see `largest_first`); 1,000 objects are ~0.3 MB.
+# One full S3 listing page; no call waits for the window to fill (`largest_first` hands out
+# what is listed while the next page is on its way). 1,000 objects are ~0.3 MB.
 LOOKAHEAD_OBJECTS = 1000
 
 FileOrder = Literal["largest", "oldest", "newest", "smallest", "listing"]

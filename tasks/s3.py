@@ -1,9 +1,9 @@
 """Find audio in S3 and move bytes in and out, without blocking the event loop.
 
-Listing is lazy: a page of at most 1,000 keys is in memory, and the next one on its way,
-so a prefix of 100,000 objects streams through. Large objects are read by ranges and
-written by multipart upload, so neither sits in memory whole. boto3 is blocking, so every
-call runs in a thread.
+Listing is lazy: a page of at most 1,000 keys is in memory, and the next one on its way
+(the first page is 100 keys, for a quick start), so a prefix of 100,000 objects streams
+through. Large objects are read by ranges and written by multipart upload, so neither sits
+in memory whole. boto3 is blocking, so every call runs in a thread.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 PAGE_SIZE = 1000
+# The first page is short: a run's first chunk, and with it its first call, waits for it.
+# moto answered 1,000 keys in 0.6 s and 100 in 0.09 s on the bench host; the pages after it
+# come one ahead of the consumer, so their size costs no wait.
+FIRST_PAGE_SIZE = 100
 RANGE_BYTES = 8 * 1024 * 1024  # one ranged GET; the next is fetched while this one is sent
 FRAME_BYTES = 1024 * 1024  # one binary WebSocket frame
 PART_BYTES = 8 * 1024 * 1024  # one multipart upload part of the redacted MP3
@@ -179,7 +183,8 @@ class S3Listing:
     def _request(self, token: dict[str, str]) -> asyncio.Future[dict[str, Any]]:
         page = asyncio.ensure_future(asyncio.to_thread(
             self._s3_client.list_objects_v2,
-            Bucket=self._bucket, Prefix=self._selection.prefix, MaxKeys=PAGE_SIZE, **token,
+            Bucket=self._bucket, Prefix=self._selection.prefix,
+            MaxKeys=PAGE_SIZE if token else FIRST_PAGE_SIZE, **token,
         ))
         # Retrieved here too, so that a page nobody awaits (the run stopped before its
         # listing) does not log "exception was never retrieved"; the consumer still gets it.
