@@ -358,13 +358,10 @@ async def _post(
 
 async def _with_policy(run: PlatformRun, send: Callable[[], Awaitable[Submission]]) -> Submission:
     """One POST under a slot and the run's gate, through the one retry loop."""
-    run.pool.add_demand(1)
-    try:
+    async with run.pool.wanted():
         return await call_with_retries(
             send, gate=run.gate, policy=run.policy, slot=run.pool.slot, rng=run.rng
         )
-    finally:
-        run.pool.add_demand(-1)
 
 
 async def _close(

@@ -157,7 +157,7 @@ async def run_batch(
         return await done.finished(obj.file_id, obj.date)
 
     listing = S3Listing(s3_client, bucket.bucket_name, source, skip=finished)
-    listing.prefetch()  # the first page (0.6 s from moto) comes while the rest is set up
+    listing.prefetch()  # the first page comes while the rest is set up
     run_policy = policy or DEFAULT_POLICY
     async with (
         SlotPool(limits.limit_name(job.model), fallback_limit=model_limit.concurrent) as pool,
@@ -325,7 +325,7 @@ async def _first_call_or_end(ctx: RunContext, chunk: asyncio.Task[None], files: 
         await asyncio.wait([called, chunk], return_when=asyncio.FIRST_COMPLETED)
     finally:
         called.cancel()
-        ctx.pool.add_demand(-early)  # the files count themselves from their calls on
+        ctx.pool.add_demand(-early)  # the files count themselves from their reads on
 
 
 def _summary_lines(summary: RunSummary) -> list[tuple[str, Any]]:

@@ -94,10 +94,10 @@ class SlotPool:
 
     Example:
         async with SlotPool("modulate:acme:stt", fallback_limit=5) as pool:
-            pool.add_demand(len(files))
-            async with pool.slot():
-                ...  # one call to the vendor
-            pool.add_demand(-1)
+            async with pool.wanted():  # the pool leases while the file is read
+                audio = ...
+                async with pool.slot():
+                    ...  # one call to the vendor
     """
 
     def __init__(
@@ -178,6 +178,15 @@ class SlotPool:
         """Count calls queued or running (n may be negative); the pool leases to match."""
         self._demand += n
         self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def wanted(self) -> AsyncIterator[None]:
+        """Count one call queued or running for the length of the block."""
+        self.add_demand(1)
+        try:
+            yield
+        finally:
+            self.add_demand(-1)
 
     def set_ceiling(self, ceiling: int) -> None:
         """Hand out at most `ceiling` slots at once (the gate's learned limit)."""
