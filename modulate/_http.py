@@ -155,10 +155,18 @@ def _json_parser(model: type[_M]) -> Callable[[httpx.Response], _M]:
     return parse
 
 
+# Velma-2 answers {"detail": ...}; the Platform API's error envelope is unknown
+# (API_CONTRACT.md 9.2), so the other usual names are read too, in this order.
+_ERROR_FIELDS = ("detail", "error", "message")
+
+
 def _error_detail(response: httpx.Response) -> Any:
-    """The JSON `detail` of an error response; never the raw body (it could hold a transcript)."""
+    """The JSON error text of an error response; never the raw body (it could hold a
+    transcript)."""
     try:
         body = response.json()
     except ValueError:
         return None
-    return body.get("detail") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        return None
+    return next((body[name] for name in _ERROR_FIELDS if body.get(name) is not None), None)

@@ -10,6 +10,7 @@ so) and what came: key names and short status values only, never result text.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -128,15 +129,20 @@ def _file(item: Mapping[str, Any], wire: PlatformWire) -> JobFile:
 
 
 def _outcome(status: str, wire: PlatformWire) -> JobOutcome | None:
-    value = status.strip().lower()
+    value = _status_word(status)
     for names, outcome in (
         (wire.completed_statuses, "completed"),
         (wire.failed_statuses, "failed"),
         (wire.running_statuses, "running"),
     ):
-        if value in (n.lower() for n in names):
+        if value in (_status_word(n) for n in names):
             return outcome  # type: ignore[return-value]
     return None
+
+
+def _status_word(status: str) -> str:
+    """One spelling of a status: "In Progress", "in-progress" and "in_progress" alike."""
+    return re.sub(r"[\s-]+", "_", status.strip().lower())
 
 
 def _transcript(result: Mapping[str, Any], wire: PlatformWire) -> str | None:

@@ -58,16 +58,20 @@ class PlatformWire(BaseModel):
     status_field: str = Field("status", description="Job-status field holding the job's status.")
     completed_statuses: _Names = Field(
         ("completed", "complete", "done", "succeeded", "success", "finished"),
-        description="Status values of a job (or file) that finished well (case-insensitive).",
+        description="Status values of a job (or file) that finished well (case-insensitive, as "
+        "running_statuses).",
     )
     failed_statuses: _Names = Field(
         ("failed", "failure", "error", "errored", "cancelled", "canceled"),
-        description="Status values of a job (or file) that failed (case-insensitive).",
+        description="Status values of a job (or file) that failed (case-insensitive, as "
+        "running_statuses).",
     )
     running_statuses: _Names = Field(
         ("processing", "accepting_files", "queued", "pending", "running", "in_progress",
-         "submitted", "started"),
-        description="Status values of a job still being worked on (case-insensitive).",
+         "submitted", "started", "received", "accepted", "uploading", "uploaded",
+         "transcribing", "analyzing", "analysing", "finalizing", "finalising", "waiting"),
+        description="Status values of a job still being worked on (case-insensitive; spaces "
+        "and hyphens read as underscores).",
     )
     files_fields: _Names = Field(
         ("files", "results"), description="Candidate job-status fields listing the files."

@@ -94,7 +94,8 @@ class ConcurrencyLimited(ModulateError):
     The pipeline waits a few seconds with jitter (or Retry-After) and retries without counting it
     against the file's retry budget. `quota_suspect=True` means the signal could also be the
     monthly limit, and `access_suspect=True` that it could also be a bad key or a model not
-    enabled (SVD's 403): the run's ModelGate (modulate/gate.py) decides on evidence.
+    enabled (a 403 or 4003 that does not say why): the run's ModelGate (modulate/gate.py)
+    decides on evidence.
     """
 
     def __init__(
@@ -175,8 +176,9 @@ _AUTH = re.compile(
 _MONTHLY = re.compile(r"monthly|usage limit|quota", re.IGNORECASE)
 _CONCURRENCY = re.compile(r"concurren|too many|rate limit", re.IGNORECASE)
 _CREDITS = re.compile(r"insufficient credit|credits?\b", re.IGNORECASE)
-_NOT_ENABLED = re.compile(r"not enabled|access", re.IGNORECASE)
-_NOT_PERMITTED = re.compile(r"not permitted|denied|forbidden", re.IGNORECASE)
+# Not the bare word "access": "Access denied" is also how a used-up limit may read ("usage
+# denied", the vendor's page), so it is weighed as a bare 403 is.
+_NOT_ENABLED = re.compile(r"not enabled|no access|access disabled", re.IGNORECASE)
 _BAD_INPUT = re.compile(
     r"too short|could not be processed|unsupported|empty|invalid language|invalid configuration"
     r"|invalid request|invalid input|audio_format|sample_rate|num_channels|does not match"
@@ -186,17 +188,15 @@ _BAD_INPUT = re.compile(
 
 _LIMIT_STATUSES = frozenset({403, 429})
 _LIMIT_CODES = frozenset({4003, 4029})
-_SVD = frozenset({"svd", "svd-streaming"})
 _ANY = None
 
 
 @dataclass(frozen=True)
 class _Rule:
-    """One row: signal kind ("http", "close", "message"), values, endpoints, detail pattern."""
+    """One row: signal kind ("http", "close", "message"), values, detail pattern."""
 
     kind: str
     values: frozenset[int] | None
-    endpoints: frozenset[str] | None
     pattern: re.Pattern[str] | None
     cls: type[ModulateError]
     quota_suspect: bool = False
@@ -209,16 +209,15 @@ def _r(
     pattern: re.Pattern[str] | None,
     cls: type[ModulateError],
     *,
-    endpoints: frozenset[str] | None = None,
     quota_suspect: bool = False,
     access_suspect: bool = False,
 ) -> _Rule:
     frozen = None if values is None else frozenset(values)
-    return _Rule(kind, frozen, endpoints, pattern, cls, quota_suspect, access_suspect)
+    return _Rule(kind, frozen, pattern, cls, quota_suspect, access_suspect)
 
 
 # Ordered most specific first; the first row that matches wins. Detail patterns are checked in
-# the order auth > monthly > concurrency > credits > not enabled > not permitted, because
+# the order auth > monthly > concurrency > credits > not enabled, because
 # "Model access not enabled" and "Monthly usage limit" must not fall to a looser word.
 _RULES: tuple[_Rule, ...] = (
     # HTTP (batch, Platform, and a refused WebSocket handshake)
@@ -229,10 +228,10 @@ _RULES: tuple[_Rule, ...] = (
     _r("http", _LIMIT_STATUSES, _CONCURRENCY, ConcurrencyLimited),
     _r("http", _LIMIT_STATUSES, _CREDITS, ConcurrencyLimited, quota_suspect=True),
     _r("http", {403}, _NOT_ENABLED, ModelNotEnabled),
-    # SVD's 403 covers bad keys, model access and both limits (auth page): ambiguous.
-    _r("http", {403}, _ANY, ConcurrencyLimited, endpoints=_SVD, quota_suspect=True,
-       access_suspect=True),
-    _r("http", {403}, _ANY, ModelNotEnabled),  # "This request is not permitted." elsewhere
+    # A 403 that does not say why ("This request is not permitted.") is a model not enabled
+    # or a usage limit exceeded (the vendor's auth page), and on SVD a bad key too: the gate
+    # weighs it with what the run saw (modulate/gate.py, rules 2 and 6).
+    _r("http", {403}, _ANY, ConcurrencyLimited, quota_suspect=True, access_suspect=True),
     _r("http", {429}, _ANY, ConcurrencyLimited, quota_suspect=True),
     _r("http", {400, 404, 409, 413, 415, 422}, _ANY, BadInput),
     _r("http", {408, 425}, _ANY, Transient),
@@ -243,9 +242,9 @@ _RULES: tuple[_Rule, ...] = (
     _r("close", _LIMIT_CODES, _CONCURRENCY, ConcurrencyLimited),
     _r("close", _LIMIT_CODES, _CREDITS, ConcurrencyLimited, quota_suspect=True),
     _r("close", {4003}, _NOT_ENABLED, ModelNotEnabled),
-    _r("close", {4003}, _ANY, ConcurrencyLimited, endpoints=_SVD, quota_suspect=True,
-       access_suspect=True),
-    _r("close", {4003}, _ANY, ModelNotEnabled),
+    # "Model access not enabled, or usage denied" (STT), "Authentication failed or usage
+    # denied" (SVD), "could not be validated or is not permitted" (spec): as a bare 403.
+    _r("close", {4003}, _ANY, ConcurrencyLimited, quota_suspect=True, access_suspect=True),
     _r("close", {4029}, _ANY, ConcurrencyLimited, quota_suspect=True),
     _r("close", {1003, 1007, 1009, 4002}, _ANY, BadInput),
     # A stream `error` message without a telling close code, or detail alone
@@ -299,7 +298,7 @@ def classify(
         "detail": text,
         "retry_after": retry_after,
     }
-    rule = _match(endpoint, status, close_code, text)
+    rule = _match(status, close_code, text)
     if rule is None:
         if status is not None and 400 <= status < 500:
             return BadInput(_message(BadInput, context), **context)
@@ -314,7 +313,7 @@ def classify(
     return rule.cls(_message(rule.cls, context), **context)
 
 
-def _match(endpoint: str, status: int | None, code: int | None, text: str | None) -> _Rule | None:
+def _match(status: int | None, code: int | None, text: str | None) -> _Rule | None:
     if status is not None:
         kind, value = "http", status
     elif code is not None:
@@ -326,13 +325,11 @@ def _match(endpoint: str, status: int | None, code: int | None, text: str | None
             continue
         if rule.values is not None and value not in rule.values:
             continue
-        if rule.endpoints is not None and endpoint not in rule.endpoints:
-            continue
         if rule.pattern is not None and (text is None or not rule.pattern.search(text)):
             continue
         return rule
     if kind == "close" and text:  # an unknown close code with a telling reason
-        return _match(endpoint, None, None, text)
+        return _match(None, None, text)
     return None
 
 

@@ -2,9 +2,10 @@
 
 The limits a user declares are a belief (another client may share them; a typo says 10
 where the service enforces 4), and the 2026 API answers "too many at once" and "the month
-is used up" with the same 429 "Insufficient credits." (SVD: the same 403 for a bad key as
-well). So no single refusal decides anything; the gate weighs each one with what the run
-knows. The rules (keep in sync with the README, *Limits* and *Errors and retries*):
+is used up" with the same 429 "Insufficient credits." (and "not enabled" and "a usage
+limit exceeded" with the same 403; SVD's 403 is a bad key as well). So no single refusal
+decides anything; the gate weighs each one with what the run knows. The rules (keep in
+sync with the README, *Limits* and *Errors and retries*):
 
 1. Every refusal for concurrency (explicit or ambiguous) that came with fewer of our calls in
    flight than the gate allows shrinks the gate to that many (never below 1), with one
@@ -22,9 +23,10 @@ knows. The rules (keep in sync with the README, *Limits* and *Errors and retries
    none sent in doubt is still on the wire (a burst over the real limit gets its refusals
    back at once and its successes only after the latency): at most `declared` calls after
    the first refusal.
-6. When every ambiguous refusal could also mean a bad key or a model not enabled (SVD's
-   403 "not permitted") and nothing succeeded in this run, the verdict is `access`: the run
-   stops naming the credentials, instead of deferring every file for a month.
+6. When every ambiguous refusal could also mean a bad key or a model not enabled (a 403
+   "not permitted" or a 4003 that does not say why) and nothing succeeded in this run, the
+   verdict is `access`: the run stops naming the credentials, instead of deferring every
+   file for a month.
 """
 
 from __future__ import annotations

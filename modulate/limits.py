@@ -137,7 +137,9 @@ def decide(
             return GiveUp(f"Retry-After {error.retry_after:.0f}s exceeds the cap")
         low, high = policy.concurrency_wait
         wait = error.retry_after if error.retry_after is not None else rng.uniform(low, high)
-        wait = max(wait, at_least)
+        # Never sooner than the shortest wait: a Retry-After of 0 (or a date already past)
+        # would re-send at once, with nothing charged to the budget, for as long as it lasts.
+        wait = max(wait, low, at_least)
         if waited + wait > policy.concurrency_budget_s:
             minutes = policy.concurrency_budget_s / 60
             return GiveUp(f"the service kept refusing for concurrency for {minutes:.3g} min")

@@ -57,12 +57,29 @@ class Utterance(_Model):
     @classmethod
     def _timing(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            start, duration, end = data.get("start_ms"), data.get("duration_ms"), data.get("end_ms")
+            start, duration, end = (
+                _number(data.get(key)) for key in ("start_ms", "duration_ms", "end_ms")
+            )
             if start is not None and duration is not None and end is None:
                 data = {**data, "end_ms": start + duration}
             elif start is not None and end is not None and duration is None:
                 data = {**data, "duration_ms": end - start}
         return data
+
+
+def _number(value: Any) -> float | None:
+    """A timing as sent, also in a string ("2000"); None when absent or not a number (then
+    the field's own validation says so)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 class Transcript(_Model):

@@ -286,6 +286,17 @@ async def _key_row(credentials: Any, targets: CheckTargets) -> Check:
     except AuthError as exc:
         return Check(name, FAIL, f"refused ({exc}). Probe: {KEY_PROBE}.", fix)
     except (ConcurrencyLimited, MonthlyLimitReached) as exc:
+        if isinstance(exc, ConcurrencyLimited) and exc.access_suspect:
+            # One probe has no evidence to weigh (a run's gate has): name all three causes.
+            return Check(
+                name,
+                FAIL,
+                f"refused ({exc}): the key is invalid, STT streaming is not enabled for its "
+                f"org, or the org's limit is used up (the service answers all three alike). "
+                f"Probe: {KEY_PROBE}.",
+                fix + " If the key is right, ask Modulate whether STT streaming is enabled "
+                "for the org and within its limits.",
+            )
         return Check(
             name,
             WARN,

@@ -16,11 +16,13 @@ import modulate
 from modulate import (
     BadInput,
     CustomTerm,
+    MonthlyLimitReached,
     PlatformFlags,
     PlatformWire,
     RedactionOptions,
     STTOptions,
 )
+from modulate._http import _error_detail
 from modulate._platform_parse import parse_job_status
 from modulate.batch import (
     _build_pii,
@@ -30,6 +32,7 @@ from modulate.batch import (
     _decode_multipart,
     wav_duration_ms,
 )
+from modulate.errors import classify
 from modulate.models import RealtimeSession, RedactionMetadata, Utterance
 from modulate.platform import _build_job_status, _build_realtime, _build_submit
 from modulate.streaming import StreamingClient, StreamParams
@@ -196,6 +199,15 @@ def test_models_are_tolerant() -> None:
     assert pairs.redaction_ranges == objects.redaction_ranges == [(1, 2)]
 
 
+def test_utterance_timing_sent_as_strings_reads_as_numbers() -> None:
+    """The spec says integers; a service that sends "2500" must not crash the run (a
+    TypeError escaped) or glue the strings ("2500" + "2500")."""
+    both = Utterance.model_validate({"start_ms": "2500", "duration_ms": "2500"})
+    assert (both.start_ms, both.duration_ms, both.end_ms) == (2500, 2500, 5000)
+    one = Utterance.model_validate({"start_ms": 0, "end_ms": "2000"})
+    assert one.duration_ms == 2000
+
+
 def test_realtime_session_hides_its_token() -> None:
     session = RealtimeSession(job_id="j", realtime_url="wss://h/rt/j?token=SECRET-TOKEN")
     assert "SECRET-TOKEN" not in repr(session) and "SECRET-TOKEN" not in str(session)
@@ -290,6 +302,25 @@ def test_job_status_nested_and_flat_shapes_read_alike() -> None:
     assert nested.raw is NESTED
     single = parse_job_status({"status": "completed", "transcript": "hi"}, WIRE)
     assert [f.transcript_text for f in single.files] == ["hi"]
+
+
+@pytest.mark.parametrize("envelope", ["detail", "error", "message"])
+def test_an_error_text_is_read_from_whichever_usual_field_holds_it(envelope: str) -> None:
+    """The Platform API's error envelope is unknown (API_CONTRACT.md 9.2): a monthly limit
+    said under "error" or "message" must not read as a bare 403."""
+    response = httpx.Response(403, json={envelope: "Monthly usage limit reached."})
+    error = classify(endpoint="platform", status=403, detail=_error_detail(response))
+    assert type(error) is MonthlyLimitReached
+
+
+@pytest.mark.parametrize(
+    "status", ["In Progress", "in-progress", "transcribing", "Received", "uploading", "finalizing"]
+)
+def test_a_job_still_being_worked_on_reads_as_running_however_it_is_spelled(status: str) -> None:
+    """The status values past "processing" and "completed" are unknown (API_CONTRACT.md 9.2):
+    three unreadable answers in a row leave the job to a rerun, so a live job must not read
+    as unreadable for a spelling."""
+    assert parse_job_status({"status": status}, WIRE).outcome == "running"
 
 
 @pytest.mark.parametrize(

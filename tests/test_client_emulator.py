@@ -277,7 +277,7 @@ def expected_stream(family: str, model: str, scenario: str) -> Expected:
     if scenario == "auth":
         if family == "legacy":
             return AuthError, None
-        return (ConcurrencyLimited, True) if model == "svd" else (ModelNotEnabled, None)
+        return ConcurrencyLimited, True  # 2026: 4003 "This request is not permitted."
     return expected_limit(family, model, scenario)
 
 
@@ -285,9 +285,8 @@ def expected_limit(family: str, model: str, scenario: str) -> Expected:
     """Model disabled, month used up, no free slot: the same class over HTTP and WebSocket."""
     legacy = family == "legacy"
     if scenario == "not_enabled":
-        if not legacy and model == "svd":
-            return ConcurrencyLimited, True
-        return ModelNotEnabled, None
+        # 2026: a bare 403/4003, which also means a used-up limit: the run's gate decides.
+        return (ModelNotEnabled, None) if legacy else (ConcurrencyLimited, True)
     if scenario == "monthly":
         return (MonthlyLimitReached, None) if legacy else (ConcurrencyLimited, True)
     if scenario == "concurrency":
@@ -448,7 +447,9 @@ async def test_platform_rejections(emulator: Any, family: str, scenario: str) ->
     limit_scenario(emulator, "platform", scenario)
     expected: Expected = {
         "auth": (AuthError, None),
-        "not_enabled": (ModelNotEnabled, None),
+        "not_enabled": (
+            (ModelNotEnabled, None) if family == "legacy" else (ConcurrencyLimited, True)
+        ),
         "monthly": (
             (MonthlyLimitReached, None) if family == "legacy" else (ConcurrencyLimited, True)
         ),

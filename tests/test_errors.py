@@ -59,8 +59,9 @@ HTTP_CASES: list[tuple[str, int, object, type[ModulateError], bool | None]] = [
     # 2026 family
     *[(e, 422, MISSING_KEY_2026, AuthError, None) for e in (*BATCH, "svd")],
     *[(e, 401, "Invalid API key.", AuthError, None) for e in BATCH],
-    *[(e, 403, NOT_PERMITTED, ModelNotEnabled, None) for e in BATCH],
-    ("svd", 403, NOT_PERMITTED, ConcurrencyLimited, True),
+    # A 403 that does not say why: model not enabled or a limit (the vendor's auth page).
+    *[(e, 403, NOT_PERMITTED, ConcurrencyLimited, True) for e in (*BATCH, "svd")],
+    *[(e, 403, "Access denied.", ConcurrencyLimited, True) for e in (*BATCH, "svd")],
     *[(e, 429, CREDITS, ConcurrencyLimited, True) for e in (*BATCH, "svd")],
     # bad input
     *[(e, 400, UNSUPPORTED, BadInput, None) for e in (*BATCH, "svd")],
@@ -103,7 +104,7 @@ HTTP_CASES: list[tuple[str, int, object, type[ModulateError], bool | None]] = [
     ),
     # no detail at all
     ("stt", 401, None, AuthError, None),
-    ("stt", 403, None, ModelNotEnabled, None),
+    ("stt", 403, None, ConcurrencyLimited, True),
     ("svd", 403, None, ConcurrencyLimited, True),
     ("stt", 429, None, ConcurrencyLimited, True),
     ("stt", 400, None, BadInput, None),
@@ -147,16 +148,20 @@ CLOSE_CASES: list[tuple[str, int, str, type[ModulateError], bool | None]] = [
         ModelNotEnabled, None,
     ),
     # 2026
-    ("stt-streaming", 4003, NOT_PERMITTED, ModelNotEnabled, None),
-    ("pii-streaming", 4003, NOT_PERMITTED, ModelNotEnabled, None),
-    ("svd-streaming", 4003, NOT_PERMITTED, ConcurrencyLimited, True),
+    # "Model access not enabled, or usage denied" (the vendor's page): weighed by the gate.
+    *[
+        (e, 4003, NOT_PERMITTED, ConcurrencyLimited, True)
+        for e in ("stt-streaming", "pii-streaming", "svd-streaming")
+    ],
+    ("stt-streaming", 4003, "Unable to validate request. Please try again.",
+     ConcurrencyLimited, True),
     ("svd-streaming", 4003, "", ConcurrencyLimited, True),
     *[
         (e, 4029, CREDITS, ConcurrencyLimited, True)
         for e in ("stt-streaming", "pii-streaming", "svd-streaming")
     ],
     ("stt-streaming", 4029, "", ConcurrencyLimited, True),
-    ("stt-streaming", 4003, "", ModelNotEnabled, None),
+    ("stt-streaming", 4003, "", ConcurrencyLimited, True),
     # bad params / audio
     ("stt-streaming", 1003, "Invalid audio_format='mp4'. Valid values: [...]", BadInput, None),
     ("svd-streaming", 1003, "audio_format query parameter is required.", BadInput, None),
@@ -215,7 +220,7 @@ def _invalid_status(status: int, body: bytes = b"") -> websockets.exceptions.Inv
     ("endpoint", "status", "body", "cls"),
     [
         ("stt-streaming", 401, b"", AuthError),
-        ("stt-streaming", 403, b"", ModelNotEnabled),
+        ("stt-streaming", 403, b"", ConcurrencyLimited),
         ("svd-streaming", 403, b"", ConcurrencyLimited),
         ("stt-streaming", 403, b'{"detail": "Monthly usage limit reached."}', MonthlyLimitReached),
         (

@@ -121,6 +121,14 @@ def test_concurrency_uses_retry_after() -> None:
     assert decide(POLICY, busy(retry_after=1), 1, 0.0, FixedRng(0.9)) == Retry(1.0)
 
 
+def test_a_retry_after_of_zero_still_waits_the_shortest_concurrency_wait() -> None:
+    """The headers are unknown (API_CONTRACT.md 0.4): `Retry-After: 0`, or a date already
+    past, must not re-send at network speed with nothing charged to the budget."""
+    decision = decide(POLICY, busy(retry_after=0), 1, 0.0, FixedRng(0.9))
+    assert decision == Retry(POLICY.concurrency_wait[0])
+    assert decision.charged == POLICY.concurrency_wait[0]  # type: ignore[union-attr]
+
+
 def test_concurrency_gives_up_above_retry_after_cap() -> None:
     assert isinstance(decide(POLICY, busy(retry_after=3600), 1, 0.0, FixedRng(0)), GiveUp)
 
@@ -284,6 +292,29 @@ async def test_svd_403_with_no_success_ever_is_an_access_failure() -> None:
     assert gate.verdict == "access"
     assert all(isinstance(r, errors.AuthError) for r in results)
     assert "API key" in str(results[0]) and "not enabled" in str(results[0])
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "status", "close_code"),
+    [("stt", 403, None), ("vfast", 403, None), ("pii", 403, None),
+     ("stt-streaming", None, 4003), ("pii-streaming", None, 4003)],
+)
+async def test_a_bare_403_or_4003_after_a_success_is_weighed_as_a_limit(
+    endpoint: str, status: int | None, close_code: int | None
+) -> None:
+    """The vendor's page: 403 is "model access is not enabled ... or a usage limit has been
+    exceeded", 4003 "Model access not enabled, or usage denied". After calls that passed,
+    the model is enabled: the month is used up, and the rest is deferred, not a stopped run
+    that says "not enabled"."""
+    refusal = errors.classify(
+        endpoint=endpoint, status=status, close_code=close_code,
+        detail="This request is not permitted.",
+    )
+    service = Service(4, month=3, refusal=refusal)
+    gate = ModelGate(model=endpoint, declared=4)
+    results = await run_files(service, gate, 20)
+    assert results.count("ok") == 3 and gate.verdict == "quota"
+    assert all(isinstance(r, Deferred) for r in results if r != "ok")
 
 
 async def test_svd_403_after_a_success_is_weighed_as_a_limit() -> None:
