@@ -131,9 +131,18 @@ def partition_dir(base: str, table_name: str, model: str, date: str) -> str:
 def data_files(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
     """The Parquet files readers see in a directory: ``_`` and ``.`` names are work in progress."""
     selector = pafs.FileSelector(directory, allow_not_found=True)
+    for listing in range(1, _LISTINGS + 1):
+        try:
+            found = fs.get_file_info(selector)
+            break
+        except FileNotFoundError:
+            # pyarrow raised "Cannot list directory" (errno 2) for a partition that existed
+            # while another process's compaction deleted fragments in it (CI, session 8).
+            if listing == _LISTINGS:
+                raise
     return [
         info
-        for info in fs.get_file_info(selector)
+        for info in found
         if info.type == pafs.FileType.File
         and info.base_name.endswith(".parquet")
         and not info.base_name.startswith(("_", "."))
