@@ -24,11 +24,12 @@ from blocks import OrgLimits, ParquetOutput, PlatformCredentials
 from blocks.loading import load_blocks
 from modulate import ModelGate, PlatformFlags
 from modulate._constants import MAX_PLATFORM_BYTES, PLATFORM_EXTENSIONS
-from store import LedgerLookup, compact
+from store import LedgerLookup
 from store.job_records import JobFileRecord, JobRecord, failed_submissions, load_open_records
 from store.tables import config_hash_for
 from tasks.batch import RunStopped
 from tasks.platform import MODEL, PlatformRun, PollSettings, WireMismatch, poll_job, submit_job
+from tasks.results_writer import compact_written
 from tasks.s3 import AudioObject, S3Input, S3Listing
 from tasks.slots import SlotPool
 
@@ -167,8 +168,7 @@ async def platform_jobs(
                 f"{settings.platform_credentials_block!r}."
             ) from None
 
-    for table, date in sorted(run.touched):
-        await asyncio.to_thread(compact, location, table, MODEL, [date])
+    await compact_written(location, MODEL, run.touched)
     summary = PlatformSummary(
         config_hash=config_hash, files=dict(run.statuses), jobs=dict(run.jobs),
         jobs_submitted=submitted, jobs_reattached=len(reopen),

@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from blocks import ModulateCredentials, OrgLimits, ParquetOutput
 from blocks.loading import load_blocks
 from modulate import AuthError, ModelGate, ModelNotEnabled, RetryPolicy
-from store import compact
 from store.ledger import LedgerLookup
 from tasks.batch import (
     DEFERRED,
@@ -53,7 +52,7 @@ from tasks.claims import DEFAULT_LEASE_S, Claims
 from tasks.heap import frozen_heap
 from tasks.jobs import BatchJob, config_hash
 from tasks.ordering import DEFAULT_FILE_ORDER, LOOKAHEAD_OBJECTS, FileOrder, order_files
-from tasks.results_writer import OutputUnwritable, ResultsWriter, WritePolicy
+from tasks.results_writer import OutputUnwritable, ResultsWriter, WritePolicy, compact_written
 from tasks.s3 import AudioObject, S3Input, S3Listing
 from tasks.slots import SlotPool, SlotsLost
 from tasks.streaming import route_large_files
@@ -215,8 +214,7 @@ async def run_batch(
             unwritable = group.exceptions[0]
 
     try:
-        for table, date in sorted(writer.touched):
-            await asyncio.to_thread(compact, location, table, job.model, [date])
+        await compact_written(location, job.model, writer.touched)
     except OSError as exc:  # what was written stays, uncompacted: readers dedupe (docs/data.md)
         unwritable = unwritable or exc
     summary = RunSummary(
