@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 SEGMENT_PREFIX = "part-compacted-"
 MAX_SEGMENTS = 8
 FRAGMENTS_PER_ROUND = 1_000
+# Fragments are read once, whole, and kept in memory while their files total at most this;
+# the rest are read by each of the three passes. A run's end compacts hundreds of small
+# fragments (a flush is C files): at 2,000 files, four partitions of 80 took 2.0 s read
+# three times and 0.9 s read once (BENCHMARKS.md, session 9).
+FRAGMENT_READ_BYTES = 16 * 2**20
 BATCH_ROWS = 65_536
 ROW_GROUP_ROWS = 65_536
 # A second compactor of the same partition waits this long, then leaves the partition to
@@ -129,6 +134,8 @@ class _Partition:
         self.schema = schema
         self.directory = partition_dir(base, table_name, model, date)
         self.group = group_columns(table_name)
+        self._read: dict[str, pa.Table] = {}  # path -> a fragment read whole
+        self._read_bytes = 0  # the sizes of their files
 
     def compact(self) -> None:
         self.started_ns = time.time_ns()
@@ -168,8 +175,17 @@ class _Partition:
     def _sources(self) -> list[_Source] | None:
         found = []
         for info in data_files(self.fs, self.directory):
+            segment = info.base_name.startswith(SEGMENT_PREFIX)
+            size = info.size or 0
             with self.fs.open_input_file(info.path) as handle:
-                stored = pq.read_schema(handle)
+                if segment or self._read_bytes + size > FRAGMENT_READ_BYTES:
+                    stored = pq.read_schema(handle)
+                else:
+                    # One thread: pyarrow's pool costs more than a fragment of a few KB.
+                    whole = pq.ParquetFile(handle).read(use_threads=False)
+                    stored = whole.schema
+                    self._read[info.path] = whole
+                    self._read_bytes += size
             unknown = set(stored.names) - set(self.schema.names)
             if unknown:
                 logger.warning(
@@ -180,7 +196,6 @@ class _Partition:
                 return None
             stamp = written_at(stored, info.mtime_ns or 0)
             compacted = int((stored.metadata or {}).get(COMPACTED_AT_KEY, stamp))
-            segment = info.base_name.startswith(SEGMENT_PREFIX)
             names = frozenset(stored.names)
             found.append((stamp, info.base_name, info, segment, names, compacted))
         return _in_order([
@@ -388,6 +403,8 @@ class _Partition:
                 self.started_ns,
             )
         for source in rewrite:
+            if self._read.pop(source.info.path, None) is not None:
+                self._read_bytes -= source.info.size or 0
             if source.info.path != target:
                 _remove_quietly(self.fs, source.info.path)
         logger.info(
@@ -435,17 +452,26 @@ class _Partition:
     def _batches(self, source: _Source, columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
         """Record batches of ``columns`` in the current schema (columns added since: null)."""
         present = [c for c in columns if c in source.columns]
+        whole = self._read.get(source.info.path)
+        if whole is not None:
+            yield from self._conformed(whole.select(present).to_batches(BATCH_ROWS), columns)
+            return
         with self.fs.open_input_file(source.info.path) as handle:
             reader = pq.ParquetFile(handle)
-            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=present):
-                arrays = [
-                    batch[c].cast(self.schema.field(c).type)
-                    if c in source.columns
-                    else pa.nulls(batch.num_rows, self.schema.field(c).type)
-                    for c in columns
-                ]
-                fields = [self.schema.field(c) for c in columns]
-                yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+            batches = reader.iter_batches(batch_size=BATCH_ROWS, columns=present)
+            yield from self._conformed(batches, columns)
+
+    def _conformed(
+        self, batches: Iterable[pa.RecordBatch], columns: tuple[str, ...]
+    ) -> Iterator[pa.RecordBatch]:
+        fields = [self.schema.field(c) for c in columns]
+        for batch in batches:
+            names = set(batch.schema.names)
+            arrays = [
+                batch[f.name].cast(f.type) if f.name in names else pa.nulls(batch.num_rows, f.type)
+                for f in fields
+            ]
+            yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def _in_order(sources: list[_Source]) -> list[_Source]:

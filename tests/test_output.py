@@ -188,6 +188,33 @@ def test_compact_files_prefers_latest_finished_at(tmp_path: Path) -> None:
     assert rows == {"a": "completed", "b": "failed"}
 
 
+@pytest.mark.parametrize("read_whole", ["none", "one", "all"])
+def test_compact_gives_the_same_rows_whether_fragments_are_read_whole_or_by_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_whole: str
+) -> None:
+    location = OutputLocation(root=str(tmp_path))
+    later = T0 + dt.timedelta(hours=1)
+    write_fragment(location, "files", [_file_row("a", "failed"), _file_row("b")], fragment_id="r1")
+    write_fragment(
+        location, "files", [_file_row("a", "completed", finished_at=later)], fragment_id="r2"
+    )
+    write_fragment(location, "utterances", [_utterance("a", 0, "old")], fragment_id="r1")
+    write_fragment(location, "utterances", [_utterance("a", 0, "new"), _utterance("b", 0, "b")],
+                   fragment_id="r2")
+    sizes = [p.stat().st_size for p in (tmp_path / "files").rglob("*.parquet")]
+    # "one": the budget holds the smaller files fragment, not both.
+    budget = {"none": 0, "one": min(sizes), "all": sum(sizes) * 4}[read_whole]
+    monkeypatch.setattr("store.compaction.FRAGMENT_READ_BYTES", budget)
+    for table in ("files", "utterances"):
+        compact(location, table, MODEL, [DATE])
+        (name,) = _partition_files(tmp_path, table)
+        assert name.startswith("part-compacted-")
+    files = {r["file_id"]: r["status"] for r in read_table(location, "files").to_pylist()}
+    assert files == {"a": "completed", "b": "completed"}
+    texts = {r["file_id"]: r["text"] for r in read_table(location, "utterances").to_pylist()}
+    assert texts == {"a": "new", "b": "b"}
+
+
 def test_compact_after_a_crash_removes_duplicates(tmp_path: Path) -> None:
     location = OutputLocation(root=str(tmp_path))
     write_fragment(location, "files", [_file_row("a"), _file_row("b")], fragment_id="c1")
