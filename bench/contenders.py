@@ -26,7 +26,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 
-from bench.services import BenchServices
+from bench.services import BenchServices, busy_share, host_cpu_ticks
 from blocks import ModelLimit, OrgLimits
 from flows import transcribe
 from modulate_flows.local import save_blocks
@@ -58,6 +58,7 @@ class Measured:
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    host_busy: float = 0.0  # the share of the machine's CPU time busy meanwhile
     services_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -81,11 +82,13 @@ def measure(services: BenchServices) -> Iterator[Measured]:
 
     sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
     started, cpu, services_cpu = time.perf_counter(), _cpu_seconds(), services.cpu_seconds()
+    host = host_cpu_ticks()
     sampler.start()
     try:
         yield result
     finally:
         result.seconds = time.perf_counter() - started
+        result.host_busy = busy_share(host, host_cpu_ticks())
         stop.set()
         sampler.join()
         # The sampler's own reads cost CPU too; they are a rounding error (50 reads/s).

@@ -140,6 +140,7 @@ def _side(
         "first_call_s": round(first, 2),
         "last_call_s": round(last, 2),
         "busy_first_to_last": round(seen.mean_total(first, last) / concurrent, 3),
+        "host_cpu_busy_first_to_last": round(seen.host_busy(first, last), 3),
         "completed": completed,
         "seconds": round(measured.seconds, 2),
         "of_bound": round(measured.seconds / bound, 3),
@@ -168,8 +169,8 @@ def print_mixed(mixed: dict[str, Any], console: Console) -> None:
         f"{mixed['lower_bound_s']:.1f} s"
     )
     for column in ("contender", "completed", "wall s", "of bound", "first call s",
-                   "last call s", "busy first-last", "max in flight", "rejections",
-                   "CPU ms/file"):
+                   "last call s", "busy first-last", "host CPU busy", "max in flight",
+                   "rejections", "CPU ms/file"):
         table.add_column(column, justify="left" if column in ("contender", "rejections")
                          else "right")
     for name in ("ours", "plain"):
@@ -178,6 +179,7 @@ def print_mixed(mixed: dict[str, Any], console: Console) -> None:
         table.add_row(name, str(side["completed"]), f"{side['seconds']:.1f}",
                       f"{side['of_bound']:.3f}", f"{side['first_call_s']:.1f}",
                       f"{side['last_call_s']:.1f}", f"{side['busy_first_to_last']:.3f}",
+                      f"{side['host_cpu_busy_first_to_last']:.2f}",
                       str(side["max_in_flight"]), rejections,
                       f"{side['cpu_ms_per_file']:.2f}")
     console.print(table)

@@ -77,7 +77,7 @@ def print_runs(results: dict[str, Any], console: Console) -> None:
         f"L = {params['latency_s']} s, C/L = {params['limit_files_per_s']:.1f} files/s"
     )
     for column in ("contender", "files", "completed", "files/s", "of C/L", "max in flight",
-                   "rejections", "CPU ms/file", "peak RSS MB"):
+                   "rejections", "CPU ms/file", "peak RSS MB", "host CPU busy"):
         left = column in ("contender", "rejections")
         table.add_column(column, justify="left" if left else "right")
     for name, run in results["contenders"].items():
@@ -86,6 +86,7 @@ def print_runs(results: dict[str, Any], console: Console) -> None:
             name, str(run["files"]), str(run["completed"]), f"{run['files_per_s']:.2f}",
             f"{run['of_limit']:.3f}", str(run["max_in_flight"]), rejections,
             f"{run['cpu_ms_per_file']:.2f}", f"{run['peak_rss_mb']:.0f}",
+            f"{run['host_cpu_busy']:.2f}",
         )
     console.print(table)
 

@@ -223,6 +223,7 @@ def _run(
         "cpu_ms_per_file": round(1000 * measured.cpu_seconds / max(files, 1), 3),
         "peak_rss_mb": round(measured.peak_rss_mb, 1),
         "services_cpu_seconds": measured.services_cpu_seconds,
+        "host_cpu_busy": round(measured.host_busy, 3),
     }
 
 

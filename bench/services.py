@@ -29,8 +29,8 @@ from modulate_flows.local import LocalServices
 from modulate_flows.samples import speech_wav
 
 __all__ = [
-    "BenchServices", "InFlight", "bench_files", "polling", "sample_in_flight", "start_services",
-    "upload",
+    "BenchServices", "InFlight", "bench_files", "host_cpu_ticks", "polling", "sample_in_flight",
+    "start_services", "upload",
 ]
 
 HOST = "127.0.0.1"
@@ -83,11 +83,30 @@ class BenchServices:
         ).raise_for_status()
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """The whole machine's CPU ticks since boot, (busy, all), from /proc/stat.
+
+    Every process counts, ours, the services' and anyone else's: a share near 1.0 over a
+    window says its figures were bound by the machine's cores, not by the limit.
+    """
+    with open("/proc/stat", encoding="ascii") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle and iowait; the rest (user ... steal) is busy
+    return sum(ticks) - idle, sum(ticks)
+
+
+def busy_share(start: tuple[int, int], end: tuple[int, int]) -> float:
+    """The share of the machine's CPU time that was busy between two `host_cpu_ticks()`."""
+    return (end[0] - start[0]) / max(end[1] - start[1], 1)
+
+
 @dataclass
 class InFlight:
-    """The emulator's calls in flight per org, sampled: (seconds since the start, counts)."""
+    """The emulator's calls in flight per org, sampled: (seconds since the start, counts),
+    and the machine's CPU ticks at each sample."""
 
     samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    ticks: list[tuple[float, tuple[int, int]]] = field(default_factory=list)
     wall_start: float = field(default_factory=time.time)  # the start, on the wall clock
 
     def latest(self, org: str) -> int:
@@ -110,6 +129,11 @@ class InFlight:
 
     def max_total(self) -> int:
         return max((sum(seen.values()) for _, seen in self.samples), default=0)
+
+    def host_busy(self, start: float, end: float) -> float:
+        """The share of the machine's CPU time busy between the samples in [start, end]."""
+        window = [ticks for t, ticks in self.ticks if start <= t <= end]
+        return busy_share(window[0], window[-1]) if len(window) > 1 else 0.0
 
 
 @contextlib.contextmanager
@@ -148,7 +172,9 @@ def sample_in_flight(
     def sample(client: httpx.Client) -> None:
         orgs_stats = client.get(f"{emulator_url}/_emulator/stats").json()["orgs"]
         counts = {org: orgs_stats[org][model]["in_flight"] for org in orgs}
-        seen.samples.append((time.monotonic() - started, counts))
+        at = time.monotonic() - started
+        seen.samples.append((at, counts))
+        seen.ticks.append((at, host_cpu_ticks()))
 
     with polling("bench-in-flight", sample):
         yield seen

@@ -125,6 +125,7 @@ def _pair(seen: InFlight, runs: list[FlowRun], concurrent: int) -> dict[str, Any
         "b_half_after_s": round(reached - b_start, 2) if reached is not None else None,
         "both_busy_window_s": round(max(0.0, end - b_start), 2),
         "busy_of_limit": round(seen.mean_total(b_start, end) / concurrent, 3),
+        "host_cpu_busy": round(seen.host_busy(b_start, end), 3),
         "max_total_in_flight": seen.max_total(),
     }
 
@@ -136,6 +137,7 @@ def _three(seen: InFlight, runs: list[FlowRun], concurrent: int) -> dict[str, An
         "states": [r.state.name if r.state else None for r in runs],
         "all_busy_window_s": round(max(0.0, end - start), 2),
         "busy_of_limit": round(seen.mean_total(start, end) / concurrent, 3),
+        "host_cpu_busy": round(seen.host_busy(start, end), 3),
         "max_total_in_flight": seen.max_total(),
     }
 
@@ -179,15 +181,16 @@ def print_shared(shared: dict[str, Any], console: Console) -> None:
     table = Table(title=f"Shared limit: C = {shared['concurrent']}, L = {shared['latency_s']} "
                   "s, one Prefect limit, "
                   f"{shared['workers']} process workers, files {shared['files']}")
-    for column in ("runs", "states", "window s", "busy of C/L", "max in flight (sum)",
-                   "B floor(C/2) after s", "slots held after"):
+    for column in ("runs", "states", "window s", "busy of C/L", "host CPU busy",
+                   "max in flight (sum)", "B floor(C/2) after s", "slots held after"):
         table.add_column(column)
     half = pair["b_half_after_s"]
     table.add_row("pair (B starts once A holds all)", ", ".join(map(str, pair["states"])),
                   f"{pair['both_busy_window_s']:.1f}", f"{pair['busy_of_limit']:.3f}",
-                  str(pair["max_total_in_flight"]), "never" if half is None else f"{half:.1f}",
-                  str(pair["slots_held_after"]))
+                  f"{pair['host_cpu_busy']:.2f}", str(pair["max_total_in_flight"]),
+                  "never" if half is None else f"{half:.1f}", str(pair["slots_held_after"]))
     table.add_row("three at once", ", ".join(map(str, three["states"])),
                   f"{three['all_busy_window_s']:.1f}", f"{three['busy_of_limit']:.3f}",
-                  str(three["max_total_in_flight"]), "", str(three["slots_held_after"]))
+                  f"{three['host_cpu_busy']:.2f}", str(three["max_total_in_flight"]), "",
+                  str(three["slots_held_after"]))
     console.print(table)

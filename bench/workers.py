@@ -122,6 +122,7 @@ async def _measure(
         "calls_window_s": round(calls_s, 2),
         "files_per_s": round(stats["completed"] / calls_s, 2),
         "of_limit": round(stats["completed"] / calls_s / limit, 3),
+        "host_cpu_busy": round(seen.host_busy(first, last), 3),
         "flows_window_s": round(flows_s, 2),
         "of_limit_flows": round(stats["completed"] / flows_s / limit, 3),
         "max_in_flight": stats["max_in_flight"],
@@ -189,14 +190,15 @@ def print_workers(results: dict[str, Any], console: Console) -> None:
                   f"{results['workers']} process workers, one limit of C = "
                   f"{results['concurrent']}, L = {results['latency_s']} s")
     for column in ("database", "states", "completed", "files/s", "of C/L (calls)",
-                   "of C/L (flow runs)", "max in flight", "rejections", "in flight > leased",
-                   "slots held after"):
+                   "of C/L (flow runs)", "host CPU busy (calls)", "max in flight",
+                   "rejections", "in flight > leased", "slots held after"):
         table.add_column(column)
     for database in DATABASES:
         run = results[database]
         rejections = ", ".join(f"{k} {v}" for k, v in run["rejections"].items()) or "none"
         table.add_row(database, ", ".join(run["states"]), str(run["completed"]),
                       f"{run['files_per_s']:.2f}", f"{run['of_limit']:.3f}",
-                      f"{run['of_limit_flows']:.3f}", str(run["max_in_flight"]), rejections,
+                      f"{run['of_limit_flows']:.3f}", f"{run['host_cpu_busy']:.2f}",
+                      str(run["max_in_flight"]), rejections,
                       run["over_leased_samples"], str(run["slots_held_after"]))
     console.print(table)

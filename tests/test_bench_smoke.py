@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_FIELDS = {
     "files", "completed", "seconds", "files_per_s", "of_limit", "max_in_flight", "requests",
     "rejections", "cpu_seconds", "cpu_ms_per_file", "peak_rss_mb", "services_cpu_seconds",
+    "host_cpu_busy",
 }
 MIXED_SIDE = {
     "completed", "seconds", "of_bound", "first_call_s", "last_call_s", "busy_first_to_last",
-    "max_in_flight", "rejections", "cpu_ms_per_file",
+    "max_in_flight", "rejections", "cpu_ms_per_file", "host_cpu_busy_first_to_last",
 }
 TARGETS = 6 + 2 + 2  # the contenders', the mixed-length mode's, the evidence mode's
 
