@@ -164,57 +164,59 @@ async def run_batch(
         Claims(
             location, job.model, job_hash, flow_run_id, lease_s=settings.claim_lease_seconds
         ) as claims,
+    ):
         # C results or 2 s, whichever first: a crash loses at most that and the calls in flight.
-        ResultsWriter(
+        async with ResultsWriter(
             location, job_hash, max_files=model_limit.concurrent,
             policy=WritePolicy(time_scale=run_policy.time_scale),
-        ) as writer,
-    ):
-        ctx = RunContext(
-            job=job,
-            config_hash=job_hash,
-            client=client,
-            pool=pool,
-            gate=ModelGate(
-                model=job.model, declared=model_limit.concurrent,
-                source=f"limits block {settings.limits_block!r}",
-            ),
-            policy=run_policy,
-            s3_client=s3_client,
-            location=location,
-            flow_run_id=flow_run_id,
-            writer=writer,
-            claims=claims,
-        )
+        ) as writer:
+            ctx = RunContext(
+                job=job,
+                config_hash=job_hash,
+                client=client,
+                pool=pool,
+                gate=ModelGate(
+                    model=job.model, declared=model_limit.concurrent,
+                    source=f"limits block {settings.limits_block!r}",
+                ),
+                policy=run_policy,
+                s3_client=s3_client,
+                location=location,
+                flow_run_id=flow_run_id,
+                writer=writer,
+                claims=claims,
+            )
 
-        budget = ctx.budget = await open_budget(
-            limits, job.model, location, now=settings.budget_as_of
-        )
-        todo = order_files(
-            listing, settings.file_order, settings.order_window, ready=listing.ready
-        )
-        stopped: BaseException | None = None
-        s3_error: BaseException | None = None
-        unwritable: BaseException | None = None
-        try:
-            # Frozen once the run is set up: its clients and blocks are out of the collector's
-            # passes as well (tasks/heap.py).
-            async with route_large_files(ctx, credentials.streaming_client(), limits):
-                with frozen_heap():
-                    await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
-                    await finish_held(ctx)
-        except* (AuthError, RunStopped, SlotsLost) as group:
-            stopped = group.exceptions[0]
-        except* (BotoCoreError, ClientError) as group:
-            # Per-file reads are caught per file; what gets here is the listing or an
-            # output write (no bucket, credentials, S3 down): say where, not a group trace.
-            s3_error = group.exceptions[0]
-        except* (OutputUnwritable, OSError) as group:
-            # The writer retried as writes, never as calls; pyarrow raises OSError.
-            unwritable = group.exceptions[0]
-
+            budget = ctx.budget = await open_budget(
+                limits, job.model, location, now=settings.budget_as_of
+            )
+            todo = order_files(
+                listing, settings.file_order, settings.order_window, ready=listing.ready
+            )
+            stopped: BaseException | None = None
+            s3_error: BaseException | None = None
+            unwritable: BaseException | None = None
+            try:
+                # Frozen once the run is set up: its clients and blocks are out of the collector's
+                # passes as well (tasks/heap.py).
+                async with route_large_files(ctx, credentials.streaming_client(), limits):
+                    with frozen_heap():
+                        await _fan_out(ctx, todo, settings.chunk_size, model_limit.concurrent)
+                        await finish_held(ctx)
+            except* (AuthError, RunStopped, SlotsLost) as group:
+                stopped = group.exceptions[0]
+            except* (BotoCoreError, ClientError) as group:
+                # Per-file reads are caught per file; what gets here is the listing or an
+                # output write (no bucket, credentials, S3 down): say where, not a group trace.
+                s3_error = group.exceptions[0]
+            except* (OutputUnwritable, OSError) as group:
+                # The writer retried as writes, never as calls; pyarrow raises OSError.
+                unwritable = group.exceptions[0]
+        # Every row is written: the partitions are compacted while the claims are removed
+        # and the slots given back (2,000 claim files took 0.4 s, bench/ timeline).
+        compaction = asyncio.create_task(compact_written(location, job.model, writer.touched))
     try:
-        await compact_written(location, job.model, writer.touched)
+        await compaction
     except OSError as exc:  # what was written stays, uncompacted: readers dedupe (docs/data.md)
         unwritable = unwritable or exc
     summary = RunSummary(
