@@ -29,8 +29,8 @@ from modulate_flows.local import LocalServices
 from modulate_flows.samples import speech_wav
 
 __all__ = [
-    "BenchServices", "InFlight", "bench_files", "host_cpu_ticks", "polling", "sample_in_flight",
-    "start_services", "upload",
+    "BenchServices", "InFlight", "bench_files", "busy_share", "host_cpu_ticks", "polling",
+    "sample_in_flight", "start_services", "upload",
 ]
 
 HOST = "127.0.0.1"
