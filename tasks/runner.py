@@ -149,7 +149,9 @@ async def run_batch(
     job = make_job(s3_client, bucket.bucket_name)
     model_limit = limits.for_model(job.model)
     job_hash = config_hash(job)
-    done = LedgerLookup(location, job.model, job_hash)  # reads a date's partition when listed
+    # Reads a date's partition when the listing yields its first object, after the claims'
+    # heartbeat is written: Claims.mark_done relies on that order.
+    done = LedgerLookup(location, job.model, job_hash)
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
 
     async def finished(obj: AudioObject) -> bool:
@@ -168,7 +170,7 @@ async def run_batch(
         # C results or 2 s, whichever first: a crash loses at most that and the calls in flight.
         async with ResultsWriter(
             location, job_hash, max_files=model_limit.concurrent,
-            policy=WritePolicy(time_scale=run_policy.time_scale),
+            policy=WritePolicy(time_scale=run_policy.time_scale), compact_model=job.model,
         ) as writer:
             ctx = RunContext(
                 job=job,
@@ -212,8 +214,8 @@ async def run_batch(
             except* (OutputUnwritable, OSError) as group:
                 # The writer retried as writes, never as calls; pyarrow raises OSError.
                 unwritable = group.exceptions[0]
-        # Every row is written: the partitions are compacted while the claims are removed
-        # and the slots given back (2,000 claim files took 0.4 s, bench/ timeline).
+        # Every row is written: what the writer's folds left is compacted while the claims
+        # are removed and the slots given back (2,000 claim files took 0.4 s, bench/ timeline).
         compaction = asyncio.create_task(compact_written(location, job.model, writer.touched))
     try:
         await compaction

@@ -8,13 +8,15 @@ here is a real local directory whose `files` table cannot be written until the t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
+from store.compaction import SEGMENT_PREFIX
 from store.location import OutputLocation, table_dir
-from tasks.results_writer import ResultsWriter, WritePolicy
+from tasks.results_writer import MIN_FOLD_FRAGMENTS, ResultsWriter, WritePolicy
 
 C = 2
 FILES = 20
@@ -102,3 +104,58 @@ async def test_once_the_listing_ends_the_last_rows_are_written_without_waiting(
         assert writer.flushes == 1
     written = pd.read_parquet(table_dir(str(tmp_path / "out"), "files"))
     assert sorted(written.source_uri) == ["s3://in/0.wav", "s3://in/1.wav"]
+
+
+def partition_files(root: Path) -> tuple[int, int]:
+    """(compacted segments, fragments) of the `files` table's one partition."""
+    names = [p.name for p in (Path(table_dir(str(root), "files")) / "model=stt" /
+                              "date=2026-12-01").glob("*.parquet")]
+    segments = sum(name.startswith(SEGMENT_PREFIX) for name in names)
+    return segments, len(names) - segments
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+async def test_once_the_listing_ends_what_was_written_is_compacted_while_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The run's end used to compact every fragment of the run (200 per table at 5,000
+    files); now it finds only those written after the listing ended, and no row is lost."""
+    location = OutputLocation(root=str(tmp_path / "out"))
+    before_end = MIN_FOLD_FRAGMENTS + 2
+    async with ResultsWriter(
+        location, "c", max_files=1, max_delay_s=0.0, compact_model="stt"
+    ) as writer:
+        for i in range(before_end):
+            await writer.put(ledger_row(i), {})
+        assert writer.folds == 0 and partition_files(tmp_path / "out") == (0, before_end)
+        writer.listing_ended()
+        await until(lambda: writer.folds == 1, "no fold after the listing ended")
+        for i in range(before_end, before_end + 3):
+            await writer.put(ledger_row(i), {})
+    assert partition_files(tmp_path / "out") == (1, 3)
+    written = pd.read_parquet(table_dir(str(tmp_path / "out"), "files"))
+    assert sorted(written.file_id) == [f"f{i:03d}" for i in range(before_end + 3)]
+
+
+async def test_a_long_run_compacts_each_partition_every_fold_every_fragments(
+    tmp_path: Path,
+) -> None:
+    location = OutputLocation(root=str(tmp_path / "out"))
+    async with ResultsWriter(
+        location, "c", max_files=1, max_delay_s=0.0, compact_model="stt", fold_every=4
+    ) as writer:
+        for i in range(4):
+            await writer.put(ledger_row(i), {})
+        await until(lambda: writer.folds == 1, "no fold after fold_every fragments")
+        assert partition_files(tmp_path / "out") == (1, 0)
+        for i in range(4, 7):  # fewer than fold_every, and fewer than a fold at the end takes
+            await writer.put(ledger_row(i), {})
+        writer.listing_ended()
+        await settle()
+        assert writer.folds == 1 and partition_files(tmp_path / "out") == (1, 3)
