@@ -18,7 +18,8 @@ What a claimant finds (`Claims.acquire`):
 
 A file's claim is removed once its rows are written, unless another run is live (then it is
 marked done), and a run that ends with no other run live removes the claims of its model and
-config that are left, done or dead. Clocks of the machines sharing an output must agree within a small part of the lease.
+config that are left, done or dead. Clocks of the machines sharing an output must agree
+within a small part of the lease.
 """
 
 from __future__ import annotations
