@@ -157,8 +157,9 @@ class Claims:
         While another run is live, its ledger read may predate the rows: each claim is marked
         done. With none, the claims are removed: a run that starts later writes its heartbeat
         before it reads the ledger (tasks/runner.py), so it finds the rows there. Removed as
-        the run goes, they no longer wait for the sweep at its end (5,000 claims: 0.9 s on the
-        bench host), and a removal costs a third of a rewrite.
+        the run goes, they no longer wait for the sweep at its end (an unlink takes ~0.17 ms
+        on the bench host's disk: 0.85 s for 5,000 claims), and a removal costs less than
+        half of a rewrite.
         """
         paths = [self._claim_path(file_id) for file_id in file_ids]
         if not self._others_live():

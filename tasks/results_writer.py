@@ -25,8 +25,8 @@ Given the model (`compact_model`), the writer also compacts what it wrote while 
 on, so that the run's end folds only the last few fragments: each partition once it holds
 `fold_every` new fragments, and once more as soon as the listing has ended, each partition
 holding `MIN_FOLD_FRAGMENTS` or more (the last chunks' calls, 6-8 s at C = 25 and 4 chunks of
-100, outlast that fold). One fold at
-a time, in a thread, beside the flushes: a compaction deletes only the fragments it listed.
+100, outlast that fold). One fold at a time, in a thread, beside the flushes: a compaction
+deletes only the fragments it listed.
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_DELAY_S = 2.0
-# The run's end compacted every fragment the run wrote: 200 per table at 5,000 files, the
-# most of its last 2.6 s on the bench host, and every claim removal beside it waited for the
-# GIL (session 11). A fold of 200 fragments per table takes a second or two in its thread.
+# The run's end compacted every fragment the run wrote (80 per table at 2,000 files: 1.3 s,
+# and the claims sweep beside it waited for the GIL; the run ended 1.6 s after its last call
+# on the bench host, 0.4 s with these folds). A fold of 200 per table takes 1.5-4 s in its
+# thread beside the calls.
 FOLD_EVERY_FLUSHES = 200
 # Fewer fragments than this cost the run's end less than a fold's own fixed cost (the lock,
 # a listing, a scan of the segments' keys) costs the calls beside it.

@@ -215,7 +215,8 @@ async def run_batch(
                 # The writer retried as writes, never as calls; pyarrow raises OSError.
                 unwritable = group.exceptions[0]
         # Every row is written: what the writer's folds left is compacted while the claims
-        # are removed and the slots given back (2,000 claim files took 0.4 s, bench/ timeline).
+        # left (those marked done while another run was live) are removed and the slots given
+        # back.
         compaction = asyncio.create_task(compact_written(location, job.model, writer.touched))
     try:
         await compaction
