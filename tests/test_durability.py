@@ -191,9 +191,10 @@ async def test_a_run_on_s3_removes_its_claims_a_thousand_per_request(services) -
 
 
 async def test_a_run_alone_removes_a_files_claim_once_its_rows_are_written(tmp_path: Path) -> None:
-    """The sweep at a run's end removed every claim of the run (5,000 files: 0.9 s of the
-    end on the bench host). A run alone removes each claim as its rows land; with another
-    run live, whose ledger read may predate those rows, the claim is marked done instead."""
+    """The sweep at a run's end removed every claim of the run (an unlink took ~0.17 ms on
+    the bench host's disk: 0.85 s for 5,000 claims). A run alone removes each claim as its
+    rows land; with another run live, whose ledger read may predate those rows, the claim is
+    marked done instead."""
     location = OutputLocation(root=str(tmp_path / "out"))
     claims_dir = tmp_path / "out" / "_state" / "claims" / "stt" / "cfg"
     async with Claims(location, "stt", "cfg", "run-a") as run_a:

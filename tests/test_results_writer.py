@@ -8,15 +8,15 @@ here is a real local directory whose `files` table cannot be written until the t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
 from store.compaction import SEGMENT_PREFIX
-from store.location import OutputLocation, table_dir
+from store.location import OutputLocation, partition_dir, table_dir
 from tasks.results_writer import MIN_FOLD_FRAGMENTS, ResultsWriter, WritePolicy
+from tests.fault_proxy import until
 
 C = 2
 FILES = 20
@@ -108,17 +108,10 @@ async def test_once_the_listing_ends_the_last_rows_are_written_without_waiting(
 
 def partition_files(root: Path) -> tuple[int, int]:
     """(compacted segments, fragments) of the `files` table's one partition."""
-    names = [p.name for p in (Path(table_dir(str(root), "files")) / "model=stt" /
-                              "date=2026-12-01").glob("*.parquet")]
+    names = [p.name for p in Path(partition_dir(str(root), "files", "stt", "2026-12-01")).glob(
+        "*.parquet")]
     segments = sum(name.startswith(SEGMENT_PREFIX) for name in names)
     return segments, len(names) - segments
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while not condition():
-            await asyncio.sleep(0.01)
-    assert condition(), what
 
 
 async def test_once_the_listing_ends_what_was_written_is_compacted_while_the_run_goes_on(
@@ -135,7 +128,7 @@ async def test_once_the_listing_ends_what_was_written_is_compacted_while_the_run
             await writer.put(ledger_row(i), {})
         assert writer.folds == 0 and partition_files(tmp_path / "out") == (0, before_end)
         writer.listing_ended()
-        await until(lambda: writer.folds == 1, "no fold after the listing ended")
+        await until(lambda: writer.folds == 1, what="a fold after the listing ended")
         for i in range(before_end, before_end + 3):
             await writer.put(ledger_row(i), {})
     assert partition_files(tmp_path / "out") == (1, 3)
@@ -152,7 +145,7 @@ async def test_a_long_run_compacts_each_partition_every_fold_every_fragments(
     ) as writer:
         for i in range(4):
             await writer.put(ledger_row(i), {})
-        await until(lambda: writer.folds == 1, "no fold after fold_every fragments")
+        await until(lambda: writer.folds == 1, what="a fold after fold_every fragments")
         assert partition_files(tmp_path / "out") == (1, 0)
         for i in range(4, 7):  # fewer than fold_every, and fewer than a fold at the end takes
             await writer.put(ledger_row(i), {})
