@@ -55,8 +55,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_DELAY_S = 2.0
 # The run's end compacted every fragment the run wrote (80 per table at 2,000 files: 1.3 s,
 # and the claims sweep beside it waited for the GIL; the run ended 1.6 s after its last call
-# on the bench host, 0.4 s with these folds). A fold of 200 per table takes 1.5-4 s in its
-# thread beside the calls.
+# on the bench host, 0.4 s with these folds). The fold at a listing's end, about 25-100
+# fragments per table in runs of 1,000-3,000 files, took 1.6-4.2 s in its thread.
 FOLD_EVERY_FLUSHES = 200
 # Fewer fragments than this cost the run's end less than a fold's own fixed cost (the lock,
 # a listing, a scan of the segments' keys) costs the calls beside it.
