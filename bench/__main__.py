@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Mirrors bench.run.ORGS, which cannot be imported before configure_environment().
-CONTENDERS = ("ours-small", "ours", "plain", "naive")
+CONTENDERS = ("ours-small", "ours", "plain-small", "plain", "floor", "naive")
 MODES = ("mixed", "evidence", "shared", "workers")
 # "workers" starts PostgreSQL (installing it if missing) and two Prefect servers: only
 # when asked for (`--only workers`), never in the default run or CI's quick one.
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--only", action="append", choices=CONTENDERS + MODES, default=None,
         help="run only this contender or mode (repeatable; the contenders' targets need "
-        "all four)",
+        "all of them)",
     )
     parser.add_argument(
         "--profile", type=Path, default=None,

@@ -1,8 +1,11 @@
-"""The three contenders, each run on the same S3 files against its own emulator org.
+"""The contenders, each run on the same S3 files against its own emulator org.
 
 * ours: `flows.transcribe` with the org's limits synced into Prefect (OrgLimits.sync());
 * plain: the script the vendor docs suggest (asyncio semaphore, httpx, retry on 429 after
   `2**attempt + random.uniform(0, 1)` seconds, boto3 reads in threads);
+* floor: the least any client of these libraries does per file, for the CPU figure: one
+  boto3 GET in a thread and one httpx POST whose body is built once, C at once, nothing
+  else (no retries, no ledger, no Prefect);
 * naive: a Prefect flow with one task per file under a tag concurrency limit.
 
 Each returns how many files completed; `measure()` wraps a run with wall time, this
@@ -33,7 +36,9 @@ from modulate_flows.local import save_blocks
 from tasks.runner import RunSettings, RunSummary
 from tasks.s3 import S3Input
 
-__all__ = ["Measured", "measure", "prepare_ours", "run_naive", "run_ours", "run_plain"]
+__all__ = [
+    "Measured", "measure", "prepare_ours", "run_floor", "run_naive", "run_ours", "run_plain",
+]
 
 STT_PATH = "/api/velma-2-stt-batch"
 # The baselines send the options our flow sends by default (STTOptions()), so the service
@@ -145,6 +150,38 @@ async def run_plain(
             return await _post_retrying_429(client, url, f"key-{org}", key, audio)
 
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
+        done = await asyncio.gather(*(one(client, key) for key in keys))
+    return sum(done)
+
+
+async def run_floor(
+    services: BenchServices, *, org: str, bucket: str, keys: list[str], concurrent: int
+) -> int:
+    """One GET and one POST per file and nothing more: the CPU floor of boto3 and httpx.
+
+    The body is joined before the send (one socket write, as modulate/batch.py does) and
+    the pool keeps a connection per call in flight, so neither library does more than
+    it must; the reads go ahead of the calls by at most `concurrent`.
+    """
+    s3 = services.local.s3_client()
+    url = services.emulator_url + STT_PATH
+    calls, reads = asyncio.Semaphore(concurrent), asyncio.Semaphore(2 * concurrent)
+    limits = httpx.Limits(max_keepalive_connections=2 * concurrent)
+
+    async def one(client: httpx.AsyncClient, key: str) -> bool:
+        async with reads:
+            audio = await asyncio.to_thread(_read, s3, bucket, key)
+            request = client.build_request(
+                "POST", url, headers={"X-API-Key": f"key-{org}"}, data=STT_FORM,
+                files={"upload_file": (key.rsplit("/", 1)[-1], audio, "audio/wav")},
+            )
+            request.read()
+            async with calls:
+                response = await client.send(request)
+        response.json()
+        return response.status_code == 200
+
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, limits=limits) as client:
         done = await asyncio.gather(*(one(client, key) for key in keys))
     return sum(done)
 

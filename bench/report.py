@@ -12,12 +12,14 @@ from rich.table import Table
 
 __all__ = ["machine", "print_runs", "print_targets", "targets", "write_json"]
 
-# The marks DESIGN.md section 6 and issue 8 set; reported, never asserted in tests.
-MIN_OF_LIMIT = 0.90
-MIN_VS_PLAIN = 1.0
+# The marks of issue 16 (which raised DESIGN.md section 6's and issue 8's); reported, never
+# asserted in tests.
+MIN_OF_LIMIT = 0.97  # at N files
+MIN_SMALL_OF_LIMIT = 0.93  # at the small size, where start-up weighs more
+MIN_VS_PLAIN = 1.05  # at both sizes
 MIN_VS_NAIVE = 2.0
 MAX_RSS_GROWTH_MB = 50.0
-MAX_CPU_MS_PER_FILE = 5.0
+MAX_CPU_MS_PER_FILE = 2.5
 
 
 def machine() -> dict[str, Any]:
@@ -39,13 +41,18 @@ def machine() -> dict[str, Any]:
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target with its measured value and whether it holds."""
-    ours, concurrent = results["contenders"]["ours"], results["params"]["concurrent"]
-    ratios = results["ratios"]
+    runs, params, ratios = results["contenders"], results["params"], results["ratios"]
+    ours, concurrent = runs["ours"], params["concurrent"]
+    small, files, floor = params["small_files"], params["files"], runs["floor"]["cpu_ms_per_file"]
     rows = [
-        ("files/s of C/L", ratios["ours_of_limit"], f">= {MIN_OF_LIMIT}",
+        (f"files/s of C/L, {files} files", ratios["ours_of_limit"], f">= {MIN_OF_LIMIT}",
          ratios["ours_of_limit"] >= MIN_OF_LIMIT),
-        ("vs plain script (a)", ratios["ours_vs_plain"], f">= {MIN_VS_PLAIN}x",
-         ratios["ours_vs_plain"] >= MIN_VS_PLAIN),
+        (f"files/s of C/L, {small} files", ratios["ours_small_of_limit"],
+         f">= {MIN_SMALL_OF_LIMIT}", ratios["ours_small_of_limit"] >= MIN_SMALL_OF_LIMIT),
+        (f"vs plain script (a), {files} files", ratios["ours_vs_plain"],
+         f">= {MIN_VS_PLAIN}x", ratios["ours_vs_plain"] >= MIN_VS_PLAIN),
+        (f"vs plain script (a), {small} files", ratios["ours_small_vs_plain_small"],
+         f">= {MIN_VS_PLAIN}x", ratios["ours_small_vs_plain_small"] >= MIN_VS_PLAIN),
         ("vs naive Prefect flow (b)", ratios["ours_vs_naive"], f">= {MIN_VS_NAIVE}x",
          ratios["ours_vs_naive"] >= MIN_VS_NAIVE),
         ("max in flight / concurrency rejections",
@@ -55,7 +62,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         (f"RSS growth {results['params']['small_files']} -> {results['params']['files']} files",
          results["rss_growth_mb"], f"<= {MAX_RSS_GROWTH_MB} MB",
          results["rss_growth_mb"] <= MAX_RSS_GROWTH_MB),
-        ("CPU ms per file (our process)", ours["cpu_ms_per_file"], f"<= {MAX_CPU_MS_PER_FILE}",
+        # The floor (c) is not a mark: it says how much of the figure the libraries cost.
+        (f"CPU ms per file (our process; the floor (c): {floor:.2f})",
+         ours["cpu_ms_per_file"], f"<= {MAX_CPU_MS_PER_FILE}",
          ours["cpu_ms_per_file"] <= MAX_CPU_MS_PER_FILE),
     ]
     return [

@@ -33,7 +33,7 @@ QUICK = {"files": 200, "naive_files": 25}
 BUCKET = "bench-audio"
 PREFIX = "bench/"
 RESULTS = Path(__file__).parent / "results" / "latest.json"
-ORGS = ["ours-small", "ours", "plain", "naive"]
+ORGS = ["ours-small", "ours", "plain-small", "plain", "floor", "naive"]
 
 
 def run_bench(
@@ -160,14 +160,21 @@ async def _run_all(
                     org=org, prefix=PREFIX, files=n, chunk_size=chunk_size
                 )
             runs[org] = _run(services, org, n, summary.files.get("completed", 0), measured)
-    if "plain" in only:
-        console.print(f"plain: vendor-docs script on {files} files")
+    baselines = (
+        ("plain-small", small, contenders.run_plain, "vendor-docs script"),
+        ("plain", files, contenders.run_plain, "vendor-docs script"),
+        ("floor", files, contenders.run_floor, "one GET and one POST per file"),
+    )
+    for org, n, run_baseline, what in baselines:
+        if org not in only:
+            continue
+        console.print(f"{org}: {what} on {n} files")
         services.reset_stats()
         with contenders.measure(services) as measured:
-            done = await contenders.run_plain(
-                services, org="plain", bucket=BUCKET, keys=keys, concurrent=CONCURRENT
+            done = await run_baseline(
+                services, org=org, bucket=BUCKET, keys=keys[:n], concurrent=CONCURRENT
             )
-        runs["plain"] = _run(services, "plain", files, done, measured)
+        runs[org] = _run(services, org, n, done, measured)
     if "naive" not in only:
         return runs
     console.print(f"naive: one Prefect task per file on the first {naive_files} files")
@@ -249,13 +256,20 @@ def _results(
     if set(runs) != set(ORGS):  # a partial run (--only): its rows, no ratios or targets
         results["targets"] = []
         return results
-    ours = runs["ours"]
-    plain_rate = max(runs["plain"]["files_per_s"], 1e-9)
-    naive_rate = max(runs["naive"]["files_per_s"], 1e-9)
+    ours, ours_small = runs["ours"], runs["ours-small"]
+
+    def faster(run: dict[str, Any], than: str) -> float:
+        return round(run["files_per_s"] / max(runs[than]["files_per_s"], 1e-9), 3)
+
     results["ratios"] = {
         "ours_of_limit": ours["of_limit"],
-        "ours_vs_plain": round(ours["files_per_s"] / plain_rate, 3),
-        "ours_vs_naive": round(ours["files_per_s"] / naive_rate, 3),
+        "ours_small_of_limit": ours_small["of_limit"],
+        "ours_vs_plain": faster(ours, "plain"),
+        "ours_small_vs_plain_small": faster(ours_small, "plain-small"),
+        "ours_vs_naive": faster(ours, "naive"),
+        "ours_cpu_over_floor": round(
+            ours["cpu_ms_per_file"] / max(runs["floor"]["cpu_ms_per_file"], 1e-9), 3
+        ),
     }
     results["rss_growth_mb"] = round(ours["peak_rss_mb"] - runs["ours-small"]["peak_rss_mb"], 1)
     results["targets"] = report.targets(results)

@@ -24,7 +24,7 @@ MIXED_SIDE = {
     "completed", "seconds", "of_bound", "first_call_s", "last_call_s", "busy_first_to_last",
     "max_in_flight", "rejections", "cpu_ms_per_file", "host_cpu_busy_first_to_last",
 }
-TARGETS = 6 + 2 + 2  # the contenders', the mixed-length mode's, the evidence mode's
+TARGETS = 8 + 2 + 2  # the contenders', the mixed-length mode's, the evidence mode's
 
 
 # About 1.5 min on a quiet machine; a fresh Prefect server alone took 94 s on loaded cores.
@@ -42,11 +42,19 @@ def test_quick_bench_writes_the_json(tmp_path: Path) -> None:
         "machine", "params", "contenders", "ratios", "rss_growth_mb", "targets", "mixed",
         "evidence",
     } <= set(results)
-    assert set(results["contenders"]) == {"ours-small", "ours", "plain", "naive"}
+    assert set(results["contenders"]) == {
+        "ours-small", "ours", "plain-small", "plain", "floor", "naive"
+    }
     for name, run in results["contenders"].items():
         assert RUN_FIELDS <= set(run), name
         assert run["completed"] == run["files"] > 0, name  # every contender did its files
-    assert set(results["ratios"]) == {"ours_of_limit", "ours_vs_plain", "ours_vs_naive"}
+    assert set(results["ratios"]) == {
+        "ours_of_limit", "ours_small_of_limit", "ours_vs_plain", "ours_small_vs_plain_small",
+        "ours_vs_naive", "ours_cpu_over_floor",
+    }
+    small, full = results["params"]["small_files"], results["params"]["files"]
+    assert results["contenders"]["plain-small"]["files"] == small < full  # both sizes
+    assert results["contenders"]["floor"]["files"] == full
     mixed = results["mixed"]
     assert mixed["lower_bound_s"] > 0
     for side in ("ours", "plain"):
