@@ -10,7 +10,10 @@ sync with the README, *Limits* and *Errors and retries*):
 1. Every refusal for concurrency (explicit or ambiguous) that came with fewer of our calls in
    flight than the gate allows shrinks the gate to that many (never below 1), with one
    warning when that is below the declared limit; after `limit * 2**k` successes in a row at
-   the limit it probes back up by one (k = raises refused since; AIMD).
+   the limit it probes back up by one (k = raises refused since; AIMD). That count is an
+   upper bound of what the service took at that moment, never below it: a call the service
+   has finished still counts as ours until its response arrives. `took_at_most` keeps the
+   tightest one the run saw, for its summary.
 2. An ambiguous refusal ("Insufficient credits.", SVD's 403) starts a *doubt*. The calls
    already on the wire knew nothing of it, so only calls sent after it count as evidence.
 3. A success of a call sent in doubt ends it: the service still accepts calls, so the month
@@ -92,6 +95,9 @@ class ModelGate:
         self._raise_backoff = 0
         self._raised_at: int | None = None  # seq of the first call after a raise
         self._warned = False
+        # The fewest of our other calls in flight when one was refused for concurrency,
+        # below the declared limit; None while no such refusal came.
+        self.took_at_most: int | None = None
         self._probing = False
         self._waiters: list[asyncio.Future[None]] = []
         self.listeners: list[Callable[[int], None]] = []  # told the new limit when it changes
@@ -137,6 +143,8 @@ class ModelGate:
         if self._raised_at is not None and ticket.seq >= self._raised_at:
             self._raise_backoff = min(self._raise_backoff + 1, _MAX_RAISE_BACKOFF)
             self._raised_at = None
+        if 0 < others < min(self.declared, self.took_at_most or self.declared):
+            self.took_at_most = others
         if others < self.limit:
             self._set_limit(max(1, others))
         if not error.quota_suspect:

@@ -120,6 +120,13 @@ class RunSummary(BaseModel):
     output_root: str
     note: str | None = None
     budget: BudgetReport | None = Field(default=None, description="The month's audio hours.")
+    service_took_at_most: int | None = Field(
+        default=None,
+        description="The fewest of this run's other calls in flight when the service refused "
+        "one for concurrency, when below the limits block's figure: the most it took at once "
+        "then (it may share the org's limit with other clients). None when the run's "
+        "refusals were taken for the monthly limit.",
+    )
 
 
 async def run_batch(
@@ -233,6 +240,8 @@ async def run_batch(
         output_root=location.root,
         note=ctx.gate.likely_cause if ctx.gate.open else budget.closed,
         budget=budget.report(),
+        # Once the breaker is open, the refusals spoke of the month, not of concurrency.
+        service_took_at_most=None if ctx.gate.open else ctx.gate.took_at_most,
     )
     await acreate_table_artifact(
         table=[{"measure": k, "value": v} for k, v in _summary_lines(summary)],
@@ -244,6 +253,14 @@ async def run_batch(
         job.model, summary.files, summary.calls, summary.rejections, summary.output_root,
         "; ".join(f"{k} {v}" for k, v in budget.report().lines()),
     )
+    if summary.service_took_at_most is not None:
+        # The gate's first warning gave the count of its moment; this is the run's tightest.
+        logger.warning(
+            "limits block %r says %d for %s; in this run the service refused a call with %d "
+            "of ours in flight, so it took at most %d at once",
+            settings.limits_block, ctx.gate.declared, job.model,
+            summary.service_took_at_most, summary.service_took_at_most,
+        )
     if stopped is not None:
         raise RuntimeError(_fix_message(stopped, settings)) from None
     if unwritable is not None:
@@ -341,6 +358,8 @@ def _summary_lines(summary: RunSummary) -> list[tuple[str, Any]]:
         ("config hash", summary.config_hash),
         ("output", summary.output_root),
     ]
+    if summary.service_took_at_most is not None:
+        lines.append(("service took at most (calls at once)", summary.service_took_at_most))
     if summary.budget:
         lines += summary.budget.lines()
     if summary.note:

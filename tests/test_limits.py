@@ -251,11 +251,35 @@ async def test_gate_learns_the_limit_the_service_enforces(caplog: pytest.LogCapt
     results = await run_files(service, gate, 150)
     assert results == ["ok"] * 150
     assert not gate.open and gate.limit <= 5 and service.max_in_flight == 4
+    assert gate.took_at_most == 4
     warnings = [r.getMessage() for r in caplog.records if "accepted at most" in r.getMessage()]
     assert warnings == [
         "limits block 'acme' says 10 for stt, the service accepted at most 4 at once: "
         "holding 4 and probing back up."
     ]
+
+
+def test_the_gate_keeps_the_tightest_count_a_refusal_came_with() -> None:
+    """A first refusal may come while a finished call's response is still on its way (5 of
+    ours counted in flight where the service held 4); a later one with 4 is the tighter
+    evidence, and one with more in flight or none at all changes nothing."""
+    gate = ModelGate(model="stt", declared=10)
+    calls = [gate.sent() for _ in range(6)]
+    gate.refused(calls[5], busy())
+    gate.finished(calls[5])
+    assert gate.took_at_most == 5
+    gate.finished(calls[0])
+    fifth = gate.sent()
+    gate.refused(fifth, busy())
+    gate.finished(fifth)
+    assert gate.took_at_most == 4
+    more = [gate.sent() for _ in range(3)]
+    gate.refused(more[2], busy())
+    for call in [*calls[1:5], *more]:
+        gate.finished(call)
+    alone = gate.sent()
+    gate.refused(alone, busy())
+    assert gate.took_at_most == 4
 
 
 @pytest.mark.parametrize("declared", [1, 2, 4, 10])
