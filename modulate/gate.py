@@ -10,10 +10,12 @@ sync with the README, *Limits* and *Errors and retries*):
 1. Every refusal for concurrency (explicit or ambiguous) that came with fewer of our calls in
    flight than the gate allows shrinks the gate to that many (never below 1), with one
    warning when that is below the declared limit; after `limit * 2**k` successes in a row at
-   the limit it probes back up by one (k = raises refused since; AIMD). That count is an
-   upper bound of what the service took at that moment, never below it: a call the service
-   has finished still counts as ours until its response arrives. `took_at_most` keeps the
-   tightest one the run saw, for its summary.
+   the limit it probes back up by one (k = raises refused since; AIMD). That count is off
+   by one or two either way (a response on its way back still counts as ours; one read
+   just before the refusal no longer does). What the run reports, `took_at_most`, is a
+   bound instead: every call of ours the service held when it refused was on the wire at
+   some moment of the refused call's flight, so the service took at most that many (the
+   tightest over the run's refusals).
 2. An ambiguous refusal ("Insufficient credits.", SVD's 403) starts a *doubt*. The calls
    already on the wire knew nothing of it, so only calls sent after it count as evidence.
 3. A success of a call sent in doubt ends it: the service still accepts calls, so the month
@@ -62,6 +64,7 @@ class Ticket:
     """One call on the wire, by its send order."""
 
     seq: int
+    others: int = 0  # our other calls on the wire as it was sent
 
 
 class ModelGate:
@@ -95,7 +98,7 @@ class ModelGate:
         self._raise_backoff = 0
         self._raised_at: int | None = None  # seq of the first call after a raise
         self._warned = False
-        # The fewest of our other calls in flight when one was refused for concurrency,
+        # The fewest of our other calls on the wire during a call refused for concurrency,
         # below the declared limit; None while no such refusal came.
         self.took_at_most: int | None = None
         self._probing = False
@@ -112,7 +115,7 @@ class ModelGate:
         self._seq += 1
         self.in_flight += 1
         self._on_wire.add(self._seq)
-        return Ticket(self._seq)
+        return Ticket(self._seq, others=self.in_flight - 1)
 
     def admitted(self, ticket: Ticket) -> None:
         """The service accepted the call: a 2xx, or a stream's first message."""
@@ -143,8 +146,11 @@ class ModelGate:
         if self._raised_at is not None and ticket.seq >= self._raised_at:
             self._raise_backoff = min(self._raise_backoff + 1, _MAX_RAISE_BACKOFF)
             self._raised_at = None
-        if 0 < others < min(self.declared, self.took_at_most or self.declared):
-            self.took_at_most = others
+        # On the wire as it was sent, or sent since (the calls after it may lift the count
+        # by one or two: a bound, not an estimate).
+        overlapping = ticket.others + self._seq - ticket.seq
+        if 0 < overlapping < min(self.declared, self.took_at_most or self.declared):
+            self.took_at_most = overlapping
         if others < self.limit:
             self._set_limit(max(1, others))
         if not error.quota_suspect:

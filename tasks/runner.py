@@ -122,9 +122,9 @@ class RunSummary(BaseModel):
     budget: BudgetReport | None = Field(default=None, description="The month's audio hours.")
     service_took_at_most: int | None = Field(
         default=None,
-        description="The fewest of this run's other calls in flight when the service refused "
-        "one for concurrency, when below the limits block's figure: the most it took at once "
-        "then (it may share the org's limit with other clients). None when the run's "
+        description="The fewest of this run's calls on the wire during a call the service "
+        "refused for concurrency, when below the limits block's figure: the most it took at "
+        "once then (it may share the org's limit with other clients). None when the run's "
         "refusals were taken for the monthly limit.",
     )
 
@@ -256,8 +256,8 @@ async def run_batch(
     if summary.service_took_at_most is not None:
         # The gate's first warning gave the count of its moment; this is the run's tightest.
         logger.warning(
-            "limits block %r says %d for %s; in this run the service refused a call with %d "
-            "of ours in flight, so it took at most %d at once",
+            "limits block %r says %d for %s; in this run the service refused a call while %d "
+            "of ours were on the wire, so it took at most %d at once",
             settings.limits_block, ctx.gate.declared, job.model,
             summary.service_took_at_most, summary.service_took_at_most,
         )

@@ -90,15 +90,15 @@ async def test_block_above_the_service_limit_completes_every_file(org_env, caplo
     assert stats["rejections"].get("monthly", 0) == 0
     warned = [r.getMessage() for r in caplog.records if "accepted at most" in r.getMessage()]
     assert len(warned) == 1 and f"limits block '{org_env.block}' says 10 for stt" in warned[0]
-    # The first warning's count is an upper bound of its moment (a response on its way back
-    # still counts as ours in flight); the run's summary names the tightest one it saw,
-    # which can never be below what the service takes.
+    # The first warning's count is that of its moment, off by one or two either way; the
+    # run's summary names a bound: the calls of ours that overlapped a refused one, which
+    # can never be fewer than the service held.
     took = (await state.result()).service_took_at_most
     assert took is not None and 4 <= took < 10
     told = [r.getMessage() for r in caplog.records if "took at most" in r.getMessage()]
     assert told == [
         f"limits block '{org_env.block}' says 10 for stt; in this run the service refused "
-        f"a call with {took} of ours in flight, so it took at most {took} at once"
+        f"a call while {took} of ours were on the wire, so it took at most {took} at once"
     ]
 
 

@@ -259,26 +259,27 @@ async def test_gate_learns_the_limit_the_service_enforces(caplog: pytest.LogCapt
     ]
 
 
-def test_the_gate_keeps_the_tightest_count_a_refusal_came_with() -> None:
-    """A first refusal may come while a finished call's response is still on its way (5 of
-    ours counted in flight where the service held 4); a later one with 4 is the tighter
-    evidence, and one with more in flight or none at all changes nothing."""
+def test_the_gate_reports_a_bound_of_what_the_service_took() -> None:
+    """A refused call counts every call of ours that overlapped its flight: those on the wire
+    as it was sent and those sent since. A call answered just before the refusal is read
+    still counts (the in-flight count alone said 3 of a service that held 4), and the
+    tightest bound of the run is kept."""
     gate = ModelGate(model="stt", declared=10)
-    calls = [gate.sent() for _ in range(6)]
-    gate.refused(calls[5], busy())
-    gate.finished(calls[5])
-    assert gate.took_at_most == 5
-    gate.finished(calls[0])
-    fifth = gate.sent()
-    gate.refused(fifth, busy())
-    gate.finished(fifth)
-    assert gate.took_at_most == 4
-    more = [gate.sent() for _ in range(3)]
-    gate.refused(more[2], busy())
-    for call in [*calls[1:5], *more]:
+    held = [gate.sent() for _ in range(4)]  # the service holds these four
+    refused = gate.sent()
+    gate.finished(held[0])  # its response was read before the refusal's
+    gate.refused(refused, busy())
+    gate.finished(refused)
+    assert gate.in_flight == 3 and gate.took_at_most == 4
+    later = gate.sent()  # one more is sent while the next refused call is out
+    crowded = gate.sent()
+    extra = gate.sent()
+    gate.refused(crowded, busy())
+    assert gate.took_at_most == 4  # 3 + later + extra = 5 overlapped it: no tighter
+    for call in [*held[1:], later, crowded, extra]:
         gate.finished(call)
     alone = gate.sent()
-    gate.refused(alone, busy())
+    gate.refused(alone, busy())  # none of ours overlapped it: says nothing of the limit
     assert gate.took_at_most == 4
 
 
