@@ -59,7 +59,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
          f"{ours['max_in_flight']} / {ours['rejections'].get('concurrency', 0)}",
          f"<= {concurrent} / 0",
          ours["max_in_flight"] <= concurrent and not ours["rejections"].get("concurrency")),
-        (f"RSS growth {results['params']['small_files']} -> {results['params']['files']} files",
+        (f"RSS growth {small} -> {files} files",
          results["rss_growth_mb"], f"<= {MAX_RSS_GROWTH_MB} MB",
          results["rss_growth_mb"] <= MAX_RSS_GROWTH_MB),
         # The floor (c) is not a mark: it says how much of the figure the libraries cost.

@@ -258,19 +258,17 @@ def _results(
         return results
     ours, ours_small = runs["ours"], runs["ours-small"]
 
-    def faster(run: dict[str, Any], than: str) -> float:
-        return round(run["files_per_s"] / max(runs[than]["files_per_s"], 1e-9), 3)
+    def over(run: dict[str, Any], than: str, figure: str = "files_per_s") -> float:
+        return round(run[figure] / max(runs[than][figure], 1e-9), 3)
 
     results["ratios"] = {
         "ours_of_limit": ours["of_limit"],
         "ours_small_of_limit": ours_small["of_limit"],
-        "ours_vs_plain": faster(ours, "plain"),
-        "ours_small_vs_plain_small": faster(ours_small, "plain-small"),
-        "ours_vs_naive": faster(ours, "naive"),
-        "ours_cpu_over_floor": round(
-            ours["cpu_ms_per_file"] / max(runs["floor"]["cpu_ms_per_file"], 1e-9), 3
-        ),
+        "ours_vs_plain": over(ours, "plain"),
+        "ours_small_vs_plain_small": over(ours_small, "plain-small"),
+        "ours_vs_naive": over(ours, "naive"),
+        "ours_cpu_over_floor": over(ours, "floor", "cpu_ms_per_file"),
     }
-    results["rss_growth_mb"] = round(ours["peak_rss_mb"] - runs["ours-small"]["peak_rss_mb"], 1)
+    results["rss_growth_mb"] = round(ours["peak_rss_mb"] - ours_small["peak_rss_mb"], 1)
     results["targets"] = report.targets(results)
     return results

@@ -256,9 +256,9 @@ async def run_batch(
     if summary.service_took_at_most is not None:
         # The gate's first warning gave the count of its moment; this is the run's tightest.
         logger.warning(
-            "limits block %r says %d for %s; in this run the service refused a call while %d "
-            "of ours were on the wire, so it took at most %d at once",
-            settings.limits_block, ctx.gate.declared, job.model,
+            "%s says %d for %s; in this run the service refused a call while %d of ours "
+            "were on the wire, so it took at most %d at once",
+            ctx.gate.source, ctx.gate.declared, job.model,
             summary.service_took_at_most, summary.service_took_at_most,
         )
     if stopped is not None:

@@ -271,9 +271,9 @@ def test_the_gate_reports_a_bound_of_what_the_service_took() -> None:
     gate.refused(refused, busy())
     gate.finished(refused)
     assert gate.in_flight == 3 and gate.took_at_most == 4
-    later = gate.sent()  # one more is sent while the next refused call is out
+    later = gate.sent()  # on the wire as the next refused call is sent
     crowded = gate.sent()
-    extra = gate.sent()
+    extra = gate.sent()  # sent while it is out
     gate.refused(crowded, busy())
     assert gate.took_at_most == 4  # 3 + later + extra = 5 overlapped it: no tighter
     for call in [*held[1:], later, crowded, extra]:
