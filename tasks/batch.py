@@ -40,7 +40,7 @@ from store.location import OutputLocation
 from tasks.claims import Acquired, Claims
 from tasks.jobs import BatchJob, Rows
 from tasks.results_writer import OutputUnwritable, ResultsWriter
-from tasks.s3 import AudioObject, read_object
+from tasks.s3 import AudioObject, ObjectReader
 from tasks.slots import SlotPool, SlotsLost
 from tasks.usage import USAGE_TABLE, usage_row
 
@@ -93,6 +93,7 @@ class RunContext:
         gate: ModelGate,
         policy: RetryPolicy,
         s3_client: Any,
+        reader: ObjectReader,
         location: OutputLocation,
         flow_run_id: str,
         writer: ResultsWriter | None = None,
@@ -106,6 +107,7 @@ class RunContext:
         gate.listeners.append(pool.set_ceiling)  # the pool hands out no more than it accepts
         self.policy = policy
         self.s3_client = s3_client
+        self.reader = reader
         self.location = location
         self.flow_run_id = flow_run_id
         self.writer = writer  # the run's; a streaming context routed to hands rows back to it
@@ -123,10 +125,9 @@ class RunContext:
         # Files between their S3 read and the end of their call: the pool's slots plus as
         # many read ahead. Unbounded, every file of the chunks in flight was read at once:
         # all their audio sat in memory (400 files here; 100 MB files would not fit), and
-        # since read_object takes two hops through the default thread pool (GET, then the
-        # body), a new chunk queued all its GETs ahead of its first body read: its first
-        # call waited for all of them (3.5 s at start-up with 4 chunks of 100). A read ahead
-        # per slot keeps the slots fed whenever a read is shorter than a call.
+        # a new chunk queued all its reads ahead of the ones its first calls waited for
+        # (3.5 s at start-up with 4 chunks of 100). A read ahead per slot keeps the slots
+        # fed whenever a read is shorter than a call.
         self.reads = asyncio.Semaphore(2 * pool.fallback_limit)
 
 
@@ -268,7 +269,7 @@ async def _process_file(
         audio: bytes | None = None  # a streaming job reads S3 in ranges itself as it sends
         try:
             if getattr(ctx.job, "reads_whole_file", True):
-                audio = await read_object(ctx.s3_client, obj.bucket, obj.key)
+                audio = await ctx.reader.read(obj.bucket, obj.key)
         except Exception as exc:  # noqa: BLE001 - any S3 failure fails this file, not the batch
             detail = f"could not read {obj.uri}: {type(exc).__name__}"
             return finish(FAILED, exc, detail=detail), {}

@@ -53,7 +53,7 @@ from tasks.heap import frozen_heap
 from tasks.jobs import BatchJob, config_hash
 from tasks.ordering import DEFAULT_FILE_ORDER, LOOKAHEAD_OBJECTS, FileOrder, order_files
 from tasks.results_writer import OutputUnwritable, ResultsWriter, WritePolicy, compact_written
-from tasks.s3 import AudioObject, S3Input, S3Listing
+from tasks.s3 import AudioObject, ObjectReader, S3Input, S3Listing
 from tasks.slots import SlotPool, SlotsLost
 from tasks.streaming import route_large_files
 
@@ -170,6 +170,7 @@ async def run_batch(
     async with (
         SlotPool(limits.limit_name(job.model), fallback_limit=model_limit.concurrent) as pool,
         credentials.batch_client() as client,
+        ObjectReader(s3_client) as reader,
         Claims(
             location, job.model, job_hash, flow_run_id, lease_s=settings.claim_lease_seconds
         ) as claims,
@@ -190,6 +191,7 @@ async def run_batch(
                 ),
                 policy=run_policy,
                 s3_client=s3_client,
+                reader=reader,
                 location=location,
                 flow_run_id=flow_run_id,
                 writer=writer,

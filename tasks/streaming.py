@@ -307,6 +307,7 @@ class StreamRoute:
                 self.opened = RunContext(
                     job=self.job, config_hash=parent.config_hash, client=parent.client,
                     pool=pool, policy=parent.policy, s3_client=parent.s3_client,
+                    reader=parent.reader,
                     gate=ModelGate(model=model, declared=limit.concurrent,
                                    source=parent.gate.source),
                     location=parent.location, flow_run_id=parent.flow_run_id,
