@@ -3,9 +3,9 @@
 * ours: `flows.transcribe` with the org's limits synced into Prefect (OrgLimits.sync());
 * plain: the script the vendor docs suggest (asyncio semaphore, httpx, retry on 429 after
   `2**attempt + random.uniform(0, 1)` seconds, boto3 reads in threads);
-* floor: the least any client of these libraries does per file, for the CPU figure: one
-  boto3 GET in a thread and one httpx POST whose body is built once, C at once, nothing
-  else (no retries, no ledger, no Prefect);
+* floor: the least any client of our libraries does per file, for the CPU figure: one
+  aiohttp GET of a URL boto3 presigns and one httpx POST whose body is built once, C at
+  once, nothing else (no retries, no ledger, no Prefect);
 * naive: a Prefect flow with one task per file under a tag concurrency limit.
 
 Each returns how many files completed; `measure()` wraps a run with wall time, this
@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -157,20 +158,25 @@ async def run_plain(
 async def run_floor(
     services: BenchServices, *, org: str, bucket: str, keys: list[str], concurrent: int
 ) -> int:
-    """One GET and one POST per file and nothing more: the CPU floor of boto3 and httpx.
+    """One GET and one POST per file and nothing more: the CPU floor of our libraries.
 
-    The body is joined before the send (one socket write, as modulate/batch.py does) and
-    the pool keeps a connection per call in flight, so neither library does more than
-    it must; the reads go ahead of the calls by at most `concurrent`.
+    The read is an aiohttp GET of a URL boto3 presigns, as tasks/s3.py's ObjectReader
+    reads; the body is joined before the send (one socket write, as modulate/batch.py
+    does) and the pool keeps a connection per call in flight, so no library does more
+    than it must; the reads go ahead of the calls by at most `concurrent`.
     """
     s3 = services.local.s3_client()
     url = services.emulator_url + STT_PATH
     calls, reads = asyncio.Semaphore(concurrent), asyncio.Semaphore(2 * concurrent)
     limits = httpx.Limits(max_keepalive_connections=2 * concurrent)
 
-    async def one(client: httpx.AsyncClient, key: str) -> bool:
+    async def one(client: httpx.AsyncClient, session: aiohttp.ClientSession, key: str) -> bool:
         async with reads:
-            audio = await asyncio.to_thread(_read, s3, bucket, key)
+            presigned = s3.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}
+            )
+            async with session.get(presigned) as got:
+                audio = await got.read()
             request = client.build_request(
                 "POST", url, headers={"X-API-Key": f"key-{org}"}, data=STT_FORM,
                 files={"upload_file": (key.rsplit("/", 1)[-1], audio, "audio/wav")},
@@ -181,8 +187,11 @@ async def run_floor(
         response.json()
         return response.status_code == 200
 
-    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, limits=limits) as client:
-        done = await asyncio.gather(*(one(client, key) for key in keys))
+    async with (
+        httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, limits=limits) as client,
+        aiohttp.ClientSession() as session,
+    ):
+        done = await asyncio.gather(*(one(client, session, key) for key in keys))
     return sum(done)
 
 
