@@ -16,7 +16,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
@@ -221,10 +220,11 @@ class ObjectReader:
     boto3's get_object costs 1.8-2.5 ms of CPU per small object on the bench host and a hop
     to the default executor, whose cpu + 4 threads also serve the writer and the claims;
     aiohttp's GET of a URL the same client signs costs about 1 ms in the loop, and ours
-    fell from 7.3 to 5.1 ms of CPU per file (BENCHMARKS.md, session 14). The URL carries the
-    client's credentials, region and endpoint, so what a run may read does not change, and
-    an answer the URL gets that is not the object is asked of boto3 again, with its own
-    retries, redirects and errors: a missing object fails as it always did.
+    fell from 7.3 to 5.6-6.7 ms of CPU per file (`python -m bench --files 1000 --only
+    ours`, session 14). The URL carries the client's credentials, region and endpoint, so
+    what a run may read does not change, and an answer the URL gets that is not the object
+    is asked of boto3 again, with its own retries, redirects and errors: a missing object
+    fails as it always did.
 
     A client with refreshable credentials (assume-role) refreshes them while signing, in
     the loop: once an hour, a stall of one STS round trip.
@@ -249,12 +249,7 @@ class ObjectReader:
         self._session = aiohttp.ClientSession(timeout=READ_TIMEOUT, trust_env=True)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
