@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from .errors import Transient, UnreadableResponse, classify
@@ -28,6 +29,19 @@ logger = logging.getLogger(__name__)
 # its connection, and the next call opens a new one (~90% of calls did in bench/).
 # Keeping as many as may be open makes every call reuse one.
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+
+
+def _default_client() -> httpx.AsyncClient:
+    """The httpx client a Modulate client makes when given none: httpx's API over aiohttp.
+
+    httpcore's pool scans every connection, and for each idle one all of them again, twice
+    per request: at 25 calls in flight that was a quarter of our loop's CPU under the
+    profiler. aiohttp's pool hands a connection out in constant time (0.5 ms of CPU less per
+    file at N = 2,000, bench/). httpx still builds the requests, decodes the responses and
+    raises its own exceptions; env proxies (HTTPS_PROXY, NO_PROXY) are honoured as before.
+    """
+    return HttpxAiohttpClient(limits=_LIMITS)
+
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=BaseModel)
@@ -59,7 +73,7 @@ class _BaseHTTPClient:
         self._base_url = base_url.rstrip("/")
         self._timeout = timeout
         self._owns_client = http_client is None
-        self._client = http_client if http_client is not None else httpx.AsyncClient(limits=_LIMITS)
+        self._client = http_client if http_client is not None else _default_client()
         self._state = _State.UNOPENED
 
     async def __aenter__(self) -> Self:

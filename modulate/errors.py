@@ -352,6 +352,10 @@ def _from_exception(endpoint: str, exc: BaseException, detail: object) -> _Found
         return (response.status_code, None, detail, response.headers)
     # httpx.TimeoutException, httpx.TransportError (ConnectError, ReadError, RemoteProtocolError),
     # websockets handshake/protocol errors, OSError, TimeoutError and anything unforeseen.
+    if isinstance(exc, httpx.TransportError) and exc.__cause__ is not None:
+        # The transport's own error says what happened: the aiohttp transport maps a server
+        # that hung up to ConnectTimeout (modulate/_http.py), httpcore's names match httpx's.
+        return _transient(endpoint, type(exc.__cause__).__name__, exc.__cause__)
     return _transient(endpoint, type(exc).__name__, exc)
 
 

@@ -378,6 +378,21 @@ async def test_batch_faults_are_transient(emulator: Any, fault: str, model: str)
             await call_batch(client, model)
 
 
+async def test_a_connection_closed_before_any_answer_is_not_called_a_timeout() -> None:
+    """The ledger's error_detail says what happened: the service closed the connection."""
+
+    async def close_after_the_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(close_after_the_head, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, BatchClient(api_key=SecretStr(VELMA_KEY), base_url=url) as client:
+        with pytest.raises(Transient) as info:
+            await call_batch(client, "stt")
+    assert "disconnected" in info.value.detail and "Timeout" not in info.value.detail
+
+
 @pytest.mark.parametrize("model", BATCH)
 async def test_a_garbled_2xx_is_unreadable_not_transient(emulator: Any, model: str) -> None:
     admin_config(emulator, faults={"garbled_rate": 1.0})
