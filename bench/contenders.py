@@ -4,8 +4,8 @@
 * plain: the script the vendor docs suggest (asyncio semaphore, httpx, retry on 429 after
   `2**attempt + random.uniform(0, 1)` seconds, boto3 reads in threads);
 * floor: the least any client of our libraries does per file, for the CPU figure: one
-  aiohttp GET of a URL boto3 presigns and one httpx POST whose body is built once, C at
-  once, nothing else (no retries, no ledger, no Prefect);
+  aiohttp GET of a URL boto3 presigns and one httpx POST over aiohttp whose body is built
+  once, C at once, nothing else (no retries, no ledger, no Prefect);
 * naive: a Prefect flow with one task per file under a tag concurrency limit.
 
 Each returns how many files completed; `measure()` wraps a run with wall time, this
@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
@@ -168,9 +169,10 @@ async def run_floor(
     """One GET and one POST per file and nothing more: the CPU floor of our libraries.
 
     The read is an aiohttp GET of a URL boto3 presigns, as tasks/s3.py's ObjectReader
-    reads; the body is joined before the send (one socket write, as modulate/batch.py
-    does) and the pool keeps a connection per call in flight, so no library does more
-    than it must; the reads go ahead of the calls by at most `concurrent`.
+    reads; the POST is httpx's over aiohttp, as modulate/_http.py sends, with the body
+    joined before the send (one socket write, as modulate/batch.py does), and the pool
+    keeps a connection per call in flight, so no library does more than it must; the reads
+    go ahead of the calls by at most `concurrent`.
     """
     s3 = services.local.s3_client()
     url = services.emulator_url + STT_PATH
@@ -195,7 +197,7 @@ async def run_floor(
         return response.status_code == 200
 
     async with (
-        httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, limits=limits) as client,
+        HttpxAiohttpClient(timeout=HTTP_TIMEOUT_S, limits=limits) as client,
         aiohttp.ClientSession() as session,
     ):
         done = await asyncio.gather(*(one(client, session, key) for key in keys))
